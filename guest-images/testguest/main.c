@@ -1,0 +1,677 @@
+/*
+ * snapvm test guest: ring-3 workloads.
+ *
+ * Everything in this file except exception_handler() runs at CPL 3 with
+ * IOPL=3, natively fast under the emulating KVM backend. The serial protocol
+ * is documented in guest-images/README.md.
+ */
+#include <stdint.h>
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+#define MAX_CPUS 64
+#define PAGE_SIZE 4096ull
+#define AREA_MIN_BASE (16ull << 20)
+#define SERIAL_PORT 0x3f8
+#define EXIT_PORT 0x501
+
+/* Status values written to EXIT_PORT. */
+#define STATUS_OK 0
+#define STATUS_VERIFY_FAILED 1
+#define STATUS_BAD_ARGS 2
+#define STATUS_EXCEPTION 3
+#define STATUS_NO_CPUS 4
+
+struct hvm_start_info {
+    u32 magic;
+    u32 version;
+    u32 flags;
+    u32 nr_modules;
+    u64 modlist_paddr;
+    u64 cmdline_paddr;
+    u64 rsdp_paddr;
+    u64 memmap_paddr;
+    u32 memmap_entries;
+    u32 reserved;
+};
+
+struct hvm_memmap_entry {
+    u64 addr;
+    u64 size;
+    u32 type;
+    u32 reserved;
+};
+
+struct pvclock {
+    u32 version;
+    u32 pad0;
+    u64 tsc_timestamp;
+    u64 system_time;
+    u32 tsc_to_system_mul;
+    int8_t tsc_shift;
+    u8 flags;
+    u8 pad[2];
+};
+
+struct trap_frame {
+    u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    u64 vector, error, rip, cs, rflags, rsp, ss;
+};
+
+extern volatile u64 pvh_start_info;
+extern volatile u32 kvmclock_ok;
+extern volatile struct pvclock pvclock_area;
+extern char _end[];
+extern void sys_halt(void) __attribute__((noreturn));
+extern char sys_halt_ud[];
+extern void halt_forever(void) __attribute__((noreturn));
+
+/* gcc may emit calls to these even with -ffreestanding. */
+void *memset(void *d, int c, unsigned long n)
+{
+    u8 *p = d;
+    while (n--)
+        *p++ = (u8)c;
+    return d;
+}
+
+void *memcpy(void *d, const void *s, unsigned long n)
+{
+    u8 *p = d;
+    const u8 *q = s;
+    while (n--)
+        *p++ = *q++;
+    return d;
+}
+
+static inline void outb(u16 port, u8 v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" ::: "memory");
+}
+
+/* ---------------------------------------------------------------- */
+/* Serial output, one line at a time under a spin lock.              */
+/* ---------------------------------------------------------------- */
+
+static volatile u32 print_lock;
+
+static void lock_print(void)
+{
+    while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
+}
+
+/* Bounded variant for the exception path: never deadlock on a lock the
+ * faulting CPU itself may hold. */
+static void lock_print_bounded(void)
+{
+    for (u32 i = 0; i < 1000000; i++)
+        if (!__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
+            return;
+}
+
+static void unlock_print(void)
+{
+    __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE);
+}
+
+static void putc_(char c)
+{
+    outb(SERIAL_PORT, (u8)c);
+}
+
+static void puts_(const char *s)
+{
+    while (*s)
+        putc_(*s++);
+}
+
+static void put_dec(u64 v)
+{
+    char buf[24];
+    int i = 0;
+    do {
+        buf[i++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (i)
+        putc_(buf[--i]);
+}
+
+static void put_hex(u64 v)
+{
+    puts_("0x");
+    int started = 0;
+    for (int s = 60; s >= 0; s -= 4) {
+        u32 d = (v >> s) & 0xf;
+        if (d || started || s == 0) {
+            putc_("0123456789abcdef"[d]);
+            started = 1;
+        }
+    }
+}
+
+static void guest_exit(u8 status)
+{
+    outb(EXIT_PORT, status);
+}
+
+/* ---------------------------------------------------------------- */
+/* Time from kvmclock (registered by the BSP in ring 0).             */
+/* ---------------------------------------------------------------- */
+
+static u64 now_ns(void)
+{
+    if (!kvmclock_ok)
+        return rdtsc(); /* no kvmclock: a rough ns stand-in (TSC ~ GHz) */
+    u32 v;
+    u64 ns;
+    do {
+        v = pvclock_area.version;
+        __asm__ volatile("" ::: "memory");
+        u64 delta = rdtsc() - pvclock_area.tsc_timestamp;
+        int8_t shift = pvclock_area.tsc_shift;
+        if (shift < 0)
+            delta >>= -shift;
+        else
+            delta <<= shift;
+        ns = pvclock_area.system_time +
+             (u64)(((unsigned __int128)delta * pvclock_area.tsc_to_system_mul) >> 32);
+        __asm__ volatile("" ::: "memory");
+    } while ((v & 1) || v != pvclock_area.version);
+    return ns;
+}
+
+/* ---------------------------------------------------------------- */
+/* Command line                                                      */
+/* ---------------------------------------------------------------- */
+
+static const char *cmdline = "";
+
+/* Finds "key=" as a whole word; returns a pointer to the value or 0. */
+static const char *arg(const char *key)
+{
+    const char *p = cmdline;
+    while (*p) {
+        while (*p == ' ')
+            p++;
+        const char *k = key;
+        const char *q = p;
+        while (*k && *q == *k) {
+            k++;
+            q++;
+        }
+        if (!*k && *q == '=')
+            return q + 1;
+        while (*p && *p != ' ')
+            p++;
+    }
+    return 0;
+}
+
+static int arg_is(const char *key, const char *value)
+{
+    const char *v = arg(key);
+    if (!v)
+        return 0;
+    while (*value && *v == *value) {
+        v++;
+        value++;
+    }
+    return !*value && (*v == ' ' || *v == 0);
+}
+
+/* Parses a decimal (or 0x-prefixed hex) number; *ok = 0 on junk. */
+static u64 arg_u64(const char *key, u64 dflt, int *ok)
+{
+    const char *v = arg(key);
+    if (!v)
+        return dflt;
+    u64 r = 0;
+    int base = 10, digits = 0;
+    if (v[0] == '0' && v[1] == 'x') {
+        base = 16;
+        v += 2;
+    }
+    for (; *v && *v != ' '; v++, digits++) {
+        u32 d;
+        if (*v >= '0' && *v <= '9')
+            d = (u32)(*v - '0');
+        else if (base == 16 && *v >= 'a' && *v <= 'f')
+            d = (u32)(*v - 'a' + 10);
+        else {
+            *ok = 0;
+            return dflt;
+        }
+        r = r * (u64)base + d;
+    }
+    if (!digits)
+        *ok = 0;
+    return r;
+}
+
+static void put_arg(const char *key)
+{
+    const char *v = arg(key);
+    if (!v) {
+        puts_("none");
+        return;
+    }
+    while (*v && *v != ' ')
+        putc_(*v++);
+}
+
+/* ---------------------------------------------------------------- */
+/* Memory map and vCPU discovery                                      */
+/* ---------------------------------------------------------------- */
+
+#define MAX_RANGES 16
+struct range {
+    u64 base;
+    u64 pages;
+};
+static struct range area[MAX_RANGES];
+static u32 area_ranges;
+static u64 ram_bytes;
+
+/* Builds the memstamp area: RAM above max(16 MiB, end of image), up to
+ * `want_pages` pages. Returns the pages found. */
+static u64 build_area(const struct hvm_start_info *si, u64 want_pages)
+{
+    u64 floor = ((u64)_end + (2ull << 20) - 1) & ~((2ull << 20) - 1);
+    if (floor < AREA_MIN_BASE)
+        floor = AREA_MIN_BASE;
+    u64 got = 0;
+    const struct hvm_memmap_entry *e = (const void *)si->memmap_paddr;
+    for (u32 i = 0; i < si->memmap_entries && area_ranges < MAX_RANGES && got < want_pages; i++) {
+        if (e[i].type != 1)
+            continue;
+        u64 start = e[i].addr, end = e[i].addr + e[i].size;
+        if (start < floor)
+            start = floor;
+        start = (start + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+        end &= ~(PAGE_SIZE - 1);
+        if (end > (16ull << 30))
+            end = 16ull << 30; /* the identity map covers 16 GiB */
+        if (end <= start)
+            continue;
+        u64 pages = (end - start) / PAGE_SIZE;
+        if (pages > want_pages - got)
+            pages = want_pages - got;
+        area[area_ranges].base = start;
+        area[area_ranges].pages = pages;
+        area_ranges++;
+        got += pages;
+    }
+    return got;
+}
+
+static u64 total_ram(const struct hvm_start_info *si)
+{
+    u64 total = 0;
+    const struct hvm_memmap_entry *e = (const void *)si->memmap_paddr;
+    for (u32 i = 0; i < si->memmap_entries; i++)
+        if (e[i].type == 1)
+            total += e[i].size;
+    return total;
+}
+
+static volatile u64 *page_addr(u64 page)
+{
+    for (u32 r = 0; r < area_ranges; r++) {
+        if (page < area[r].pages)
+            return (volatile u64 *)(area[r].base + page * PAGE_SIZE);
+        page -= area[r].pages;
+    }
+    return 0;
+}
+
+static u32 mp_count_cpus(void)
+{
+    static const u64 ranges[][2] = {{0x9fc00, 0xa0000}, {0xf0000, 0x100000}};
+    for (u32 r = 0; r < 2; r++) {
+        for (u64 a = ranges[r][0]; a < ranges[r][1]; a += 16) {
+            const volatile u8 *p = (const volatile u8 *)a;
+            if (p[0] != '_' || p[1] != 'M' || p[2] != 'P' || p[3] != '_')
+                continue;
+            u32 cfg = *(const volatile u32 *)(a + 4);
+            if (!cfg)
+                return 1;
+            const volatile u8 *c = (const volatile u8 *)(u64)cfg;
+            if (c[0] != 'P' || c[1] != 'C' || c[2] != 'M' || c[3] != 'P')
+                return 1;
+            u16 entries = *(const volatile u16 *)(c + 34);
+            const volatile u8 *ent = c + 44;
+            u32 cpus = 0;
+            for (u16 i = 0; i < entries; i++) {
+                if (ent[0] == 0) {
+                    if (ent[3] & 1)
+                        cpus++;
+                    ent += 20;
+                } else {
+                    ent += 8;
+                }
+            }
+            return cpus ? cpus : 1;
+        }
+    }
+    return 1;
+}
+
+/* ---------------------------------------------------------------- */
+/* memstamp                                                          */
+/* ---------------------------------------------------------------- */
+
+static u64 seed;
+static u64 rate_mibps;
+static u64 passes;
+static u64 area_pages;
+static u32 ncpus;
+static volatile u32 cpus_online;
+static volatile u32 cpus_done;
+static volatile u32 go;
+static volatile u32 failed;
+
+static inline u64 mix64(u64 z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* The stamp of word i of `page` at generation `gen`; generation 0 is the
+ * all-zero page the guest finds at boot. */
+static inline u64 stamp_base(u64 page, u64 gen)
+{
+    return mix64(seed ^ (page * 0x9e3779b97f4a7c15ull) ^ (gen * 0xd6e8feb86659fd93ull)) | 1;
+}
+
+static inline u64 stamp_word(u64 base, u64 i)
+{
+    return base ^ (i * 0x2545f4914f6cdd1dull);
+}
+
+static void report_mismatch(u32 cpu, u64 page, u64 gen, u64 word, u64 expected, u64 found)
+{
+    lock_print();
+    puts_("TESTGUEST FAIL vcpu=");
+    put_dec(cpu);
+    puts_(" workload=memstamp page=");
+    put_dec(page);
+    puts_(" addr=");
+    put_hex((u64)page_addr(page) + word * 8);
+    puts_(" expected_gen=");
+    put_dec(gen);
+    puts_(" word=");
+    put_dec(word);
+    puts_(" expected=");
+    put_hex(expected);
+    puts_(" found=");
+    put_hex(found);
+    /* Name the generation found, if it is a recent one. */
+    for (u64 g = gen > 4 ? gen - 4 : 0; g <= gen + 4; g++) {
+        u64 e = g ? stamp_word(stamp_base(page, g), word) : 0;
+        if (e == found && g != gen) {
+            puts_(" found_gen=");
+            put_dec(g);
+            break;
+        }
+    }
+    puts_("\n");
+    unlock_print();
+}
+
+static void memstamp(u32 cpu)
+{
+    u64 first = area_pages * cpu / ncpus;
+    u64 last = area_pages * (cpu + 1) / ncpus;
+    u64 bytes_per_ns_budget = rate_mibps; /* MiB/s per vCPU, 0 = unlimited */
+    for (u64 gen = 1; passes == 0 || gen <= passes; gen++) {
+        u64 t0 = now_ns();
+        for (u64 page = first; page < last; page++) {
+            volatile u64 *p = page_addr(page);
+            u64 old = gen > 1 ? stamp_base(page, gen - 1) : 0;
+            u64 new = stamp_base(page, gen);
+            for (u64 i = 0; i < PAGE_SIZE / 8; i++) {
+                u64 expect = gen > 1 ? stamp_word(old, i) : 0;
+                u64 found = p[i];
+                if (found != expect) {
+                    report_mismatch(cpu, page, gen - 1, i, expect, found);
+                    __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+                    guest_exit(STATUS_VERIFY_FAILED);
+                    sys_halt();
+                }
+                p[i] = stamp_word(new, i);
+            }
+            if (bytes_per_ns_budget && ((page - first) & 15) == 15) {
+                u64 done = (page - first + 1) * PAGE_SIZE;
+                u64 due = done * 1000000000ull / (bytes_per_ns_budget << 20);
+                while (now_ns() - t0 < due)
+                    cpu_relax();
+            }
+        }
+        u64 dt = now_ns() - t0;
+        u64 bytes = (last - first) * PAGE_SIZE;
+        lock_print();
+        puts_("TESTGUEST PASS vcpu=");
+        put_dec(cpu);
+        puts_(" gen=");
+        put_dec(gen);
+        puts_(" pages=");
+        put_dec(last - first);
+        puts_(" ns=");
+        put_dec(dt);
+        puts_(" mibps=");
+        put_dec(dt ? bytes * 1000000000ull / dt >> 20 : 0);
+        puts_("\n");
+        unlock_print();
+    }
+}
+
+/* ---------------------------------------------------------------- */
+/* Entry points                                                      */
+/* ---------------------------------------------------------------- */
+
+static void finish_cpu(void)
+{
+    u32 done = __atomic_add_fetch(&cpus_done, 1, __ATOMIC_SEQ_CST);
+    if (done == ncpus && !failed) {
+        lock_print();
+        puts_("TESTGUEST DONE status=0\n");
+        unlock_print();
+        guest_exit(STATUS_OK);
+    }
+    sys_halt();
+}
+
+static void fail_args(const char *what)
+{
+    lock_print();
+    puts_("TESTGUEST FAIL bad-arguments ");
+    puts_(what);
+    puts_(" cmdline=\"");
+    puts_(cmdline);
+    puts_("\"\n");
+    unlock_print();
+    guest_exit(STATUS_BAD_ARGS);
+    sys_halt();
+}
+
+static void run_workload(u32 cpu)
+{
+    if (arg_is("workload", "memstamp")) {
+        memstamp(cpu);
+        finish_cpu();
+    } else if (arg_is("workload", "crash")) {
+        if (cpu == 0) {
+            /* Beyond the 16 GiB identity map: a ring-3 page fault. */
+            volatile u64 *bad = (volatile u64 *)0x00007fff00000000ull;
+            *bad = 1;
+        }
+        sys_halt();
+    } else {
+        /* idle */
+        sys_halt();
+    }
+}
+
+static void ap_main(u32 cpu)
+{
+    __atomic_add_fetch(&cpus_online, 1, __ATOMIC_SEQ_CST);
+    while (!go)
+        cpu_relax();
+    run_workload(cpu);
+}
+
+static void bsp_main(void)
+{
+    const struct hvm_start_info *si = (const void *)pvh_start_info;
+    if (si->magic != 0x336ec578) {
+        puts_("TESTGUEST FAIL no PVH start info\n");
+        guest_exit(STATUS_BAD_ARGS);
+        sys_halt();
+    }
+    if (si->cmdline_paddr)
+        cmdline = (const char *)si->cmdline_paddr;
+    if (si->version < 1 || !si->memmap_paddr || !si->memmap_entries) {
+        puts_("TESTGUEST FAIL no memory map in PVH start info\n");
+        guest_exit(STATUS_BAD_ARGS);
+        sys_halt();
+    }
+    ram_bytes = total_ram(si);
+
+    int ok = 1;
+    seed = arg_u64("seed", 1, &ok);
+    passes = arg_u64("passes", 1, &ok);
+    rate_mibps = arg_u64("rate", 0, &ok);
+    u64 mem_mib = arg_u64("mem_mib", 16, &ok);
+    u64 want_cpus = arg_u64("vcpus", mp_count_cpus(), &ok);
+    if (!ok)
+        fail_args("(a number is malformed)");
+    if (arg("workload") && !(arg_is("workload", "idle") || arg_is("workload", "memstamp") ||
+                              arg_is("workload", "crash")))
+        fail_args("(workload must be idle, memstamp or crash)");
+    if (want_cpus == 0 || want_cpus > MAX_CPUS)
+        fail_args("(vcpus out of range)");
+    ncpus = (u32)want_cpus;
+
+    if (arg_is("workload", "memstamp")) {
+        u64 want = mem_mib << 8;
+        area_pages = build_area(si, want);
+        if (area_pages < want || want == 0) {
+            lock_print();
+            puts_("TESTGUEST FAIL bad-arguments mem_mib=");
+            put_dec(mem_mib);
+            puts_(" does not fit: ");
+            put_dec(area_pages >> 8);
+            puts_(" MiB of RAM usable above the guest image\n");
+            unlock_print();
+            guest_exit(STATUS_BAD_ARGS);
+            sys_halt();
+        }
+        if (area_pages < ncpus)
+            fail_args("(fewer pages than vCPUs)");
+    }
+
+    /* Wait for the APs (woken by INIT/SIPI in ring 0) for up to 5 s. */
+    u64 t0 = now_ns();
+    while (cpus_online + 1 < ncpus) {
+        if (now_ns() - t0 > 5000000000ull) {
+            lock_print();
+            puts_("TESTGUEST FAIL only ");
+            put_dec(cpus_online + 1);
+            puts_(" of ");
+            put_dec(ncpus);
+            puts_(" vCPUs started\n");
+            unlock_print();
+            guest_exit(STATUS_NO_CPUS);
+            sys_halt();
+        }
+        cpu_relax();
+    }
+
+    lock_print();
+    puts_("TESTGUEST READY vcpus=");
+    put_dec(ncpus);
+    puts_(" ram_mib=");
+    put_dec(ram_bytes >> 20);
+    puts_(" workload=");
+    put_arg("workload");
+    if (arg_is("workload", "memstamp")) {
+        puts_(" mem_mib=");
+        put_dec(mem_mib);
+        puts_(" passes=");
+        put_dec(passes);
+        puts_(" seed=");
+        put_dec(seed);
+        puts_(" rate=");
+        put_dec(rate_mibps);
+    }
+    puts_(" kvmclock=");
+    put_dec(kvmclock_ok);
+    puts_("\n");
+    unlock_print();
+
+    __atomic_store_n(&go, 1, __ATOMIC_SEQ_CST);
+    run_workload(0);
+}
+
+void guest_entry(u64 cpu, u64 is_bsp)
+{
+    if (is_bsp)
+        bsp_main();
+    else
+        ap_main((u32)cpu);
+    sys_halt();
+}
+
+/* Ring 0: called from isr_common with the trap frame. */
+void exception_handler(struct trap_frame *f)
+{
+    if (f->vector == 6 && f->rip == (u64)sys_halt_ud)
+        halt_forever();
+    u64 cr2;
+    __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+    u32 apic_id = *(volatile u32 *)0xFEE00020ull >> 24;
+    static const char *const names[32] = {
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS",
+        "#NP", "#SS", "#GP", "#PF", "R15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+    };
+    lock_print_bounded();
+    puts_("TESTGUEST FAIL vcpu=");
+    put_dec(apic_id);
+    puts_(" exception=");
+    put_dec(f->vector);
+    if (f->vector < 22) {
+        puts_("(");
+        puts_(names[f->vector]);
+        puts_(")");
+    }
+    puts_(" rip=");
+    put_hex(f->rip);
+    puts_(" err=");
+    put_hex(f->error);
+    puts_(" cr2=");
+    put_hex(cr2);
+    puts_(" cpl=");
+    put_dec(f->cs & 3);
+    puts_("\n");
+    unlock_print();
+    guest_exit(STATUS_EXCEPTION);
+    halt_forever();
+}

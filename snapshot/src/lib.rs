@@ -1,0 +1,7 @@
+//! The snapvm snapshot engine, independent of KVM where possible.
+//!
+//! So far: guest-memory write tracking with userfaultfd write-protect
+//! ([`write_protect`]), registered when a VM is created so that live
+//! snapshots can protect memory without re-registering it.
+
+pub mod write_protect;
