@@ -40,6 +40,14 @@ impl ExitNotifier {
         }
     }
 
+    /// Wakes the event loop without recording a guest exit (the VMM keeps
+    /// its own reason, e.g. a vCPU failure).
+    pub fn wake(&self) {
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("cannot wake the event loop: {e}");
+        }
+    }
+
     /// The first exit requested, if any.
     pub fn exit(&self) -> Option<GuestExit> {
         *self.first.lock().unwrap_or_else(|e| e.into_inner())

@@ -1,1 +1,100 @@
-fn main() {}
+//! The `snapvm` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmm::config::{parse_size, VmConfig};
+use vmm::vm::Outcome;
+
+/// snapvm: a KVM virtual machine monitor for test guests, built around live
+/// snapshots.
+#[derive(Parser)]
+#[command(name = "snapvm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in the foreground with the serial console on stdin/stdout.
+    ///
+    /// The exit status is the guest's: the byte it writes to I/O port 0x501
+    /// (isa-debug-exit convention), 0 when it resets or powers off, 1 when a
+    /// vCPU fails (the reason is printed), 130 on Ctrl-C.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: an ELF with a PVH entry note (vmlinux, the test guest) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Guest memory, e.g. 256M or 1G (a plain number means MiB).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u16,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("snapvm: error: {msg}");
+    ExitCode::from(1)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let memory = match parse_size(&args.memory) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let Ok(vcpus) = u8::try_from(args.vcpus) else {
+        return fail(format!("--vcpus {} is above the limit of 254", args.vcpus));
+    };
+    let config = VmConfig {
+        kernel: args.kernel,
+        cmdline: args.cmdline,
+        initrd: args.initrd,
+        memory,
+        vcpus,
+    };
+    match vmm::run::run_foreground(&config) {
+        Ok(outcome) => {
+            match &outcome {
+                Outcome::Failure(f) => eprintln!("snapvm: error: {f}"),
+                Outcome::Stopped(sig) => eprintln!("snapvm: stopped by signal {sig}"),
+                Outcome::Guest(devices::exit::GuestExit::Status(s)) if *s != 0 => {
+                    eprintln!("snapvm: guest exited with status {s}")
+                }
+                Outcome::Guest(_) => {}
+            }
+            ExitCode::from(outcome.exit_code().clamp(0, 255) as u8)
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}

@@ -1,0 +1,115 @@
+//! `snapvm run`: one VM in the foreground, console on stdin/stdout, until the
+//! guest stops it or the user presses Ctrl-C.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+
+use devices::serial::SerialInput;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::VmConfig;
+use crate::vm::{Outcome, Vm, VmError};
+
+/// Watches the VM's stop eventfd and the signal pipe.
+struct StopWatcher {
+    stop_fd: i32,
+    signals: UnixStream,
+    stop: Arc<AtomicBool>,
+    signal: Arc<AtomicI32>,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.stop_fd {
+            let mut b = [0u8; 8];
+            // SAFETY: reading 8 bytes from an eventfd into a valid buffer.
+            unsafe { libc::read(self.stop_fd, b.as_mut_ptr().cast(), 8) };
+        } else {
+            let mut b = [0u8; 16];
+            let n = self.signals.read(&mut b).unwrap_or(0);
+            if n > 0 {
+                self.signal.store(b[n - 1] as i32, Ordering::SeqCst);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.stop_fd, EventSet::IN)) {
+            tracing::error!("cannot watch the stop event: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
+            tracing::error!("cannot watch signals: {e:?}");
+        }
+    }
+}
+
+/// Errors of the foreground runner.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The VM could not be created or started.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Boots `config` with the console on stdio and runs it to the end.
+pub fn run_foreground(config: &VmConfig) -> Result<Outcome, RunError> {
+    let mut vm = Vm::create(config, Box::new(std::io::stdout()))?;
+
+    let (sig_read, sig_write) = UnixStream::pair().map_err(RunError::Signals)?;
+    sig_read.set_nonblocking(true).map_err(RunError::Signals)?;
+    for (sig, byte) in [(signal_hook::consts::SIGINT, 2u8), (signal_hook::consts::SIGTERM, 15u8)] {
+        let w = sig_write.try_clone().map_err(RunError::Signals)?;
+        register_signal_byte(sig, w, byte).map_err(RunError::Signals)?;
+    }
+
+    let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new()
+        .map_err(|e| RunError::EventLoop(format!("{e:?}")))?;
+    let stdin = std::io::stdin();
+    em.add_subscriber(Box::new(SerialInput::new(vm.serial(), &stdin)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicI32::new(0));
+    use std::os::fd::AsRawFd;
+    em.add_subscriber(Box::new(StopWatcher {
+        stop_fd: vm.stop_eventfd().as_raw_fd(),
+        signals: sig_read,
+        stop: stop.clone(),
+        signal: signal.clone(),
+    }));
+
+    vm.start()?;
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = em.run() {
+            return Err(RunError::EventLoop(format!("{e:?}")));
+        }
+    }
+    vm.stop();
+    let sig = signal.load(Ordering::SeqCst);
+    Ok(match vm.outcome() {
+        Some(o) => o,
+        None => Outcome::Stopped(sig),
+    })
+}
+
+/// On `sig`, writes `byte` to `w` (async-signal-safe).
+fn register_signal_byte(sig: i32, w: UnixStream, byte: u8) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = w.into_raw_fd();
+    // SAFETY: the handler only calls write(2) on a descriptor that stays open
+    // for the life of the process (leaked below), which is async-signal-safe.
+    unsafe {
+        signal_hook::low_level::register(sig, move || {
+            libc::write(fd, (&byte as *const u8).cast(), 1);
+        })
+    }
+    .map(|_| ())
+}

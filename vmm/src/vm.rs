@@ -1,0 +1,410 @@
+//! A KVM virtual machine: memory, in-kernel irqchip and PIT, legacy devices,
+//! the loaded kernel, and its vCPU threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, SharedDevice};
+use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use devices::exit::{ExitNotifier, GuestExit};
+use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use devices::irq::IrqLine;
+use devices::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use snapshot::write_protect::{HostRange, WriteProtectError, WriteProtector};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::boot::e820::memory_map;
+use crate::boot::pvh::InitrdPlacement;
+use crate::boot::{self, BootError, KernelFormat};
+use crate::config::{ConfigError, VmConfig};
+use crate::cpuid;
+use crate::layout::{HIMEM_START, KVM_TSS_ADDRESS, MMIO_GAP_START, PAGE_SIZE};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::{self, Requested, StopSink, VcpuContext, VcpuControl, VcpuError, VcpuFailure, VcpuHandle};
+
+/// Default KVM device node; `SNAPVM_KVM_DEVICE` overrides it (for tests).
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Errors creating or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The KVM device node does not exist.
+    #[error("{0} does not exist: this host has no KVM. Load the module (modprobe kvm_intel or kvm_amd) or use a host with virtualization enabled")]
+    KvmMissing(PathBuf),
+    /// The KVM device node is not accessible.
+    #[error("{0} is not accessible: run snapvm as root, or give your user access (usermod -aG kvm $USER, then log in again)")]
+    KvmAccess(PathBuf),
+    /// Opening KVM failed otherwise.
+    #[error("cannot open {path}: {source}")]
+    KvmOpen {
+        /// The device path.
+        path: PathBuf,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// Too many vCPUs.
+    #[error("--vcpus {requested} is above the limit of {max} on this host")]
+    TooManyVcpus {
+        /// Requested count.
+        requested: u8,
+        /// The limit.
+        max: usize,
+    },
+    /// A VM-level KVM ioctl failed.
+    #[error("cannot {what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// userfaultfd registration failed.
+    #[error(transparent)]
+    WriteProtect(#[from] WriteProtectError),
+    /// Kernel loading failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A device could not be created.
+    #[error("cannot create {what}: {source}")]
+    Device {
+        /// Which device.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest asked to stop (status port, reset, power-off).
+    Guest(GuestExit),
+    /// A vCPU hit something it could not handle.
+    Failure(VcpuFailure),
+    /// The VMM was told to stop (signal number).
+    Stopped(i32),
+}
+
+impl Outcome {
+    /// The process exit code for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Guest(GuestExit::Status(s)) => *s as i32,
+            Outcome::Guest(GuestExit::Reset) | Outcome::Guest(GuestExit::PowerOff) => 0,
+            Outcome::Failure(_) => 1,
+            Outcome::Stopped(sig) => 128 + sig,
+        }
+    }
+}
+
+/// A created VM.
+pub struct Vm {
+    vm_fd: VmFd,
+    ram: Arc<GuestRam>,
+    write_protector: WriteProtector,
+    config: VmConfig,
+    pending_vcpus: Vec<VcpuFd>,
+    handles: Vec<VcpuHandle>,
+    control: Arc<VcpuControl>,
+    sink: Arc<StopSink>,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    _kvm: Kvm,
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    let path = PathBuf::from(std::env::var("SNAPVM_KVM_DEVICE").unwrap_or_else(|_| KVM_DEVICE.into()));
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::KvmMissing(path.clone()))?;
+    Kvm::new_with_path(&cpath).map_err(|source| match source.errno() {
+        libc::ENOENT => VmError::KvmMissing(path.clone()),
+        libc::EACCES | libc::EPERM => VmError::KvmAccess(path.clone()),
+        _ => VmError::KvmOpen {
+            path: path.clone(),
+            source,
+        },
+    })
+}
+
+fn initrd_placement(
+    ram: &GuestRam,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<InitrdPlacement, BootError> {
+    let data = std::fs::read(path).map_err(|source| BootError::ReadInitrd {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = data.len() as u64;
+    let low_end = ram
+        .ranges()
+        .first()
+        .map(|r| r.start + r.size)
+        .unwrap_or(0)
+        .min(MMIO_GAP_START);
+    let too_large = || BootError::InitrdTooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit: low_end,
+    };
+    let addr = low_end.checked_sub(size).ok_or_else(too_large)? & !(PAGE_SIZE - 1);
+    if addr < kernel_end.max(HIMEM_START) {
+        return Err(too_large());
+    }
+    use vm_memory::{Bytes, GuestAddress};
+    ram.memory()
+        .write_slice(&data, GuestAddress(addr))
+        .map_err(|e| BootError::GuestWrite {
+            what: "initrd",
+            message: e.to_string(),
+        })?;
+    Ok(InitrdPlacement { addr, size })
+}
+
+impl Vm {
+    /// Creates the VM described by `config`, boots nothing yet.
+    /// Guest console output goes to `serial_out`.
+    pub fn create(config: &VmConfig, serial_out: SerialOutput) -> Result<Self, VmError> {
+        config.validate()?;
+        let format = boot::detect_format(&config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            std::fs::metadata(initrd).map_err(|source| BootError::ReadInitrd {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+        let kvm = open_kvm()?;
+        let max = kvm.get_max_vcpus().min(254);
+        if config.vcpus as usize > max {
+            return Err(VmError::TooManyVcpus {
+                requested: config.vcpus,
+                max,
+            });
+        }
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read KVM's supported CPUID"))?;
+
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("create the in-kernel PIT"))?;
+
+        let ram = Arc::new(GuestRam::new(config.memory, cpuid::phys_bits(&supported))?);
+        let mut host_ranges = Vec::new();
+        for (slot, region) in ram.memory().iter().enumerate() {
+            let host = region.as_ptr() as u64;
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host,
+            };
+            // SAFETY: the host range belongs to `ram`, which outlives the VM
+            // fd (both live in this struct, and the region is never unmapped
+            // while the VM exists).
+            unsafe { vm_fd.set_user_memory_region(mr) }
+                .map_err(kvm_err("register guest memory with KVM"))?;
+            host_ranges.push(HostRange {
+                addr: host as usize,
+                len: region.len() as usize,
+            });
+        }
+        let write_protector = WriteProtector::new(&host_ranges)?;
+
+        // Kernel, initrd, boot structures.
+        let map = memory_map(ram.ranges());
+        let initrd = match &config.initrd {
+            // The kernel's own footprint is checked by the loader; keep the
+            // initrd at the top of low memory, away from it.
+            Some(p) => Some(initrd_placement(&ram, p, HIMEM_START)?),
+            None => None,
+        };
+        let boot_state = match format {
+            KernelFormat::Elf => boot::pvh::load(ram.memory(), &config.kernel, &config.cmdline, initrd, &map)?,
+            KernelFormat::BzImage => {
+                boot::bzimage::load(ram.memory(), &config.kernel, &config.cmdline, initrd, &map)?
+            }
+        };
+        boot::mptable::setup_mptable(ram.memory(), config.vcpus)?;
+
+        // Devices.
+        let dev_err = |what| move |source| VmError::Device { what, source };
+        let exit = Arc::new(ExitNotifier::new().map_err(dev_err("the exit notifier"))?);
+        let serial_irq = IrqLine::new().map_err(dev_err("the serial interrupt"))?;
+        vm_fd
+            .register_irqfd(serial_irq.eventfd(), COM1_IRQ)
+            .map_err(kvm_err("connect the serial interrupt"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        let mut io_bus = Bus::new();
+        let bus_err = |e: devices::bus::BusError| VmError::Device {
+            what: "the port I/O bus",
+            source: std::io::Error::other(e.to_string()),
+        };
+        io_bus
+            .insert(serial.clone() as SharedDevice, COM1_PORT as u64, SERIAL_PORT_LEN as u64)
+            .map_err(bus_err)?;
+        io_bus
+            .insert(
+                Arc::new(Mutex::new(I8042::new(exit.clone()))),
+                I8042_PORT as u64,
+                I8042_PORT_LEN as u64,
+            )
+            .map_err(bus_err)?;
+        io_bus
+            .insert(
+                Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+                DEBUG_EXIT_PORT as u64,
+                1,
+            )
+            .map_err(bus_err)?;
+
+        // vCPUs.
+        vcpu::install_kick_handler()?;
+        let mut pending_vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let fd = vcpu::create(&vm_fd, index, &cpuid::for_vcpu(&supported, index, config.vcpus))?;
+            if index == 0 {
+                vcpu::set_boot_state(&fd, &boot_state)?;
+            }
+            pending_vcpus.push(fd);
+        }
+
+        Ok(Self {
+            vm_fd,
+            ram,
+            write_protector,
+            config: config.clone(),
+            pending_vcpus,
+            handles: Vec::new(),
+            control: Arc::new(VcpuControl::new(Requested::Run)),
+            sink: Arc::new(StopSink {
+                exit,
+                failure: Mutex::new(None),
+            }),
+            io_bus: Arc::new(io_bus),
+            mmio_bus: Arc::new(Bus::new()),
+            serial,
+            _kvm: kvm,
+        })
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        for (index, fd) in self.pending_vcpus.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                io_bus: self.io_bus.clone(),
+                mmio_bus: self.mmio_bus.clone(),
+                ram: self.ram.clone(),
+                control: self.control.clone(),
+                sink: self.sink.clone(),
+            };
+            self.handles.push(vcpu::spawn(index as u8, fd, ctx)?);
+        }
+        Ok(())
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns when all are parked.
+    pub fn pause(&self) {
+        self.control.request(Requested::Pause);
+        for h in &self.handles {
+            h.kick();
+        }
+        self.control.wait_parked(self.handles.len());
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.control.request(Requested::Run);
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&mut self) {
+        self.control.request(Requested::Stop);
+        for h in &self.handles {
+            h.kick();
+        }
+        for h in &mut self.handles {
+            h.join();
+        }
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
+    }
+
+    /// Why the VM wants to stop, if it does.
+    pub fn outcome(&self) -> Option<Outcome> {
+        if let Some(f) = self
+            .sink
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Some(Outcome::Failure(f));
+        }
+        self.sink.exit.exit().map(Outcome::Guest)
+    }
+
+    /// The eventfd signalled when the guest or a vCPU wants the VM to stop.
+    pub fn stop_eventfd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.sink.exit.eventfd()
+    }
+
+    /// The serial port (for console input).
+    pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
+        self.serial.clone()
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The write-protect registration of guest RAM.
+    pub fn write_protector(&self) -> &WriteProtector {
+        &self.write_protector
+    }
+
+    /// The configuration this VM was created from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The KVM VM file descriptor.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            self.stop();
+        }
+    }
+}
