@@ -68,6 +68,11 @@ extern char _end[];
 extern void sys_halt(void) __attribute__((noreturn));
 extern char sys_halt_ud[];
 extern void halt_forever(void) __attribute__((noreturn));
+extern void sys_probe(u64 with_cmpxchg16b);
+extern char sys_probe_ud[];
+extern void ring0_probe(u64 with_cmpxchg16b);
+extern char probe_after_int3[];
+static volatile u32 breakpoints_seen;
 
 /* gcc may emit calls to these even with -ffreestanding. */
 void *memset(void *d, int c, unsigned long n)
@@ -517,6 +522,19 @@ static void run_workload(u32 cpu)
     if (arg_is("workload", "memstamp")) {
         memstamp(cpu);
         finish_cpu();
+    } else if (arg_is("workload", "emulation")) {
+        if (cpu == 0) {
+            /* int3 and fwait in ring 0 (the VMM recovers), then optionally
+             * cmpxchg16b (the VMM must stop and report it). */
+            sys_probe(arg_is("probe", "cmpxchg16b"));
+            lock_print();
+            puts_("TESTGUEST PASS vcpu=0 workload=emulation breakpoints=");
+            put_dec(breakpoints_seen);
+            puts_("\n");
+            unlock_print();
+            guest_exit(breakpoints_seen == 1 ? STATUS_OK : STATUS_VERIFY_FAILED);
+        }
+        sys_halt();
     } else if (arg_is("workload", "crash")) {
         if (cpu == 0) {
             /* Beyond the 16 GiB identity map: a ring-3 page fault. */
@@ -564,8 +582,8 @@ static void bsp_main(void)
     if (!ok)
         fail_args("(a number is malformed)");
     if (arg("workload") && !(arg_is("workload", "idle") || arg_is("workload", "memstamp") ||
-                              arg_is("workload", "crash")))
-        fail_args("(workload must be idle, memstamp or crash)");
+                              arg_is("workload", "crash") || arg_is("workload", "emulation")))
+        fail_args("(workload must be idle, memstamp, crash or emulation)");
     if (want_cpus == 0 || want_cpus > MAX_CPUS)
         fail_args("(vcpus out of range)");
     ncpus = (u32)want_cpus;
@@ -640,11 +658,21 @@ void guest_entry(u64 cpu, u64 is_bsp)
     sys_halt();
 }
 
-/* Ring 0: called from isr_common with the trap frame. */
-void exception_handler(struct trap_frame *f)
+/* Ring 0: called from isr_common with the trap frame. Returns nonzero to
+ * resume the interrupted code. */
+int exception_handler(struct trap_frame *f)
 {
     if (f->vector == 6 && f->rip == (u64)sys_halt_ud)
         halt_forever();
+    if (f->vector == 6 && f->rip == (u64)sys_probe_ud) {
+        ring0_probe(f->rdi);
+        f->rip += 2; /* past the ud2 */
+        return 1;
+    }
+    if (f->vector == 3 && f->rip == (u64)probe_after_int3) {
+        breakpoints_seen++;
+        return 1;
+    }
     u64 cr2;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
     u32 apic_id = *(volatile u32 *)0xFEE00020ull >> 24;
@@ -674,4 +702,5 @@ void exception_handler(struct trap_frame *f)
     unlock_print();
     guest_exit(STATUS_EXCEPTION);
     halt_forever();
+    return 0;
 }

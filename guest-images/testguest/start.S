@@ -254,6 +254,14 @@ sys_halt_ud:
         ud2
         jmp     sys_halt
 
+/* The "probe" system call: ring 3 executes this ud2 with %rdi = argument;
+ * the #UD handler runs ring0_probe and resumes after it. */
+        .globl sys_probe, sys_probe_ud
+sys_probe:
+sys_probe_ud:
+        ud2
+        ret
+
 /* Exception stubs. */
         .macro ISR_NOERR n
 isr\n:  pushq   $0
@@ -316,7 +324,46 @@ isr_common:
         pushq   %r15
         movq    %rsp, %rdi
         call    exception_handler
-        jmp     halt_forever
+        testl   %eax, %eax
+        jz      halt_forever
+        /* The handler dealt with it: resume the interrupted code. */
+        popq    %r15
+        popq    %r14
+        popq    %r13
+        popq    %r12
+        popq    %r11
+        popq    %r10
+        popq    %r9
+        popq    %r8
+        popq    %rbp
+        popq    %rdi
+        popq    %rsi
+        popq    %rdx
+        popq    %rcx
+        popq    %rbx
+        popq    %rax
+        addq    $16, %rsp               /* vector, error code */
+        iretq
+
+/* Ring-0 probe of the instructions the emulating KVM backend cannot run
+ * (reached from ring 3 through sys_probe): int3 and fwait, which the VMM
+ * recovers from, and with %rdi != 0 cmpxchg16b, which it must report. */
+        .globl ring0_probe, probe_after_int3
+ring0_probe:
+        int3
+probe_after_int3:
+        fwait
+        testq   %rdi, %rdi
+        jz      1f
+        pushq   %rbx
+        leaq    probe_buf, %rsi
+        xorl    %eax, %eax
+        xorl    %edx, %edx
+        xorl    %ebx, %ebx
+        xorl    %ecx, %ecx
+        lock cmpxchg16b (%rsi)
+        popq    %rbx
+1:      ret
 
 /* ------------------------------------------------------------------ */
 /* Data: GDT, IDT, TSSs, identity page tables (0..16 GiB, 2 MiB pages, */
@@ -348,6 +395,10 @@ gdt_ptr:
 idt_ptr:
         .word   32 * 16 - 1
         .quad   idt
+
+        .p2align 4
+probe_buf:
+        .quad 0, 0
 
         .globl pvh_start_info, kvmclock_ok
         .p2align 3

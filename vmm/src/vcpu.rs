@@ -361,7 +361,7 @@ pub struct StopSink {
 
 impl StopSink {
     fn fail(&self, f: VcpuFailure) {
-        tracing::error!("{f}");
+        tracing::debug!("{f}");
         let mut g = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
             *g = Some(f);
