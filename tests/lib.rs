@@ -1,1 +1,217 @@
-//! Helpers shared by the end-to-end tests live in tests/common.
+//! Helpers for snapvm's end-to-end tests: find the `snapvm` binary and the
+//! test guest, run commands with a deadline, and read the guest's serial
+//! protocol (guest-images/README.md).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `snapvm` binary: `$SNAPVM_BIN`, or the one cargo built next to this
+/// test executable (`cargo build` the workspace first; `.ci/run` does).
+pub fn snapvm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SNAPVM_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/snapvm
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("snapvm");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --workspace, same profile) or set SNAPVM_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// The built test guest.
+pub fn testguest() -> PathBuf {
+    guest_images::testguest_path().to_path_buf()
+}
+
+/// A finished command.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The exit code (panics if killed by a signal).
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {self:?}"))
+    }
+
+    /// Lines of stdout starting with `prefix`.
+    pub fn lines_with(&self, prefix: &str) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    }
+}
+
+/// Runs `cmd` to completion with stdin closed, killing it after `timeout`.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Finished {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish in {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                out.recv().unwrap_or_default(),
+                err.recv().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Finished {
+        status,
+        stdout: out.recv().unwrap_or_default(),
+        stderr: err.recv().unwrap_or_default(),
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        s.push_str(&String::from_utf8_lossy(&buf));
+        let _ = tx.send(s);
+    });
+    rx
+}
+
+/// `snapvm run` on the test guest with `cmdline`, `vcpus` and `memory`.
+pub fn run_guest(cmdline: &str, vcpus: u32, memory: &str, timeout: Duration) -> Finished {
+    run_with_timeout(
+        Command::new(snapvm_bin())
+            .arg("run")
+            .arg("--kernel")
+            .arg(testguest())
+            .args(["--cmdline", cmdline])
+            .args(["--vcpus", &vcpus.to_string()])
+            .args(["--memory", memory]),
+        timeout,
+    )
+}
+
+/// A child whose stdout is read line by line.
+pub struct Watched {
+    /// The process.
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Lines seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Watched {
+    /// Starts `cmd` with piped stdout and stdin closed.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                match line {
+                    Ok(l) => {
+                        if tx.send(l).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        Self {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line starting with `prefix`; returns it, or None on
+    /// timeout or end of output.
+    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return Some(l);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends `sig` to the child.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `timeout` for the child to exit; kills it otherwise.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the child wrote to stderr (after it exited).
+    pub fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+/// Parses `key=value` fields of a protocol line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
