@@ -50,7 +50,13 @@ fn main() {
     compile(&src.join("main.c"), &main_o);
     let elf = out.join("testguest.elf");
     run(Command::new("ld")
-        .args(["-nostdlib", "-static", "-no-pie", "-z", "max-page-size=4096"])
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-z",
+            "max-page-size=4096",
+        ])
         .args(["--no-warn-rwx-segments", "-z", "noexecstack"])
         .arg("-T")
         .arg(src.join("link.ld"))

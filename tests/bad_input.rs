@@ -112,7 +112,13 @@ fn too_many_vcpus() {
 
 #[test]
 fn missing_initrd() {
-    let r = snapvm(&["run", "--kernel", &guest(), "--initrd", "/nonexistent/initrd"]);
+    let r = snapvm(&[
+        "run",
+        "--kernel",
+        &guest(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
     assert_one_line_error(&r, "cannot read initrd /nonexistent/initrd");
 }
 
@@ -159,7 +165,10 @@ fn kvm_device_not_accessible() {
         T,
     );
     assert_one_line_error(&r, "/dev/kvm is not accessible");
-    assert!(r.stderr.contains("usermod -aG kvm"), "says how to fix it: {r:?}");
+    assert!(
+        r.stderr.contains("usermod -aG kvm"),
+        "says how to fix it: {r:?}"
+    );
 }
 
 #[test]

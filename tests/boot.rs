@@ -35,7 +35,11 @@ fn assert_memstamp(vcpus: u32, passes: u32, mem_mib: u32) {
         .flat_map(|v| (1..=passes).map(move |g| (v, g)))
         .collect();
     assert_eq!(seen, want, "{r:?}");
-    assert_eq!(pages, mem_mib as u64 * 256, "the vCPUs cover the whole area");
+    assert_eq!(
+        pages,
+        mem_mib as u64 * 256,
+        "the vCPUs cover the whole area"
+    );
     assert_eq!(r.lines_with("TESTGUEST DONE status=0").len(), 1);
 }
 
@@ -79,7 +83,9 @@ fn ctrl_c_stops_a_running_guest() {
     );
     w.wait_for("TESTGUEST READY", T).expect("READY line");
     w.signal(libc::SIGINT);
-    let status = w.wait(Duration::from_secs(10)).expect("snapvm stops on SIGINT");
+    let status = w
+        .wait(Duration::from_secs(10))
+        .expect("snapvm stops on SIGINT");
     assert_eq!(status.code(), Some(130));
     let err = w.stderr();
     assert!(err.contains("stopped by signal 2"), "{err}");
@@ -104,7 +110,11 @@ fn int3_and_fwait_in_ring0_are_recovered() {
     assert_eq!(r.code(), 0, "{r:?}");
     let pass = r.lines_with("TESTGUEST PASS");
     assert_eq!(pass.len(), 1, "{r:?}");
-    assert_eq!(field(pass[0], "breakpoints"), Some("1"), "#BP reached the guest once");
+    assert_eq!(
+        field(pass[0], "breakpoints"),
+        Some("1"),
+        "#BP reached the guest once"
+    );
 }
 
 #[test]
@@ -113,7 +123,10 @@ fn emulation_failure_reports_rip_and_bytes() {
     assert_eq!(r.code(), 1, "{r:?}");
     let err: Vec<&str> = r.stderr.lines().collect();
     assert_eq!(err.len(), 1, "one line: {r:?}");
-    assert!(err[0].starts_with("snapvm: error: vCPU 0: KVM cannot emulate"), "{r:?}");
+    assert!(
+        err[0].starts_with("snapvm: error: vCPU 0: KVM cannot emulate"),
+        "{r:?}"
+    );
     assert!(err[0].contains("rip 0x"), "{r:?}");
     // lock cmpxchg16b (%rsi)
     assert!(err[0].contains("bytes f0 48 0f c7 0e"), "{r:?}");

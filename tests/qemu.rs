@@ -12,7 +12,13 @@ fn qemu(cmdline: &str, smp: u32) -> snapvm_tests::Finished {
         Command::new("qemu-system-x86_64")
             .args(["-accel", "kvm", "-cpu", "qemu64,-cx16", "-M", "microvm"])
             .args(["-m", "256M", "-smp", &smp.to_string()])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-serial",
+                "stdio",
+            ])
             .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"])
             .arg("-kernel")
             .arg(testguest())

@@ -53,7 +53,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if let Some((b, e)) = self.ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(BusError::Overlap { base, len });
@@ -143,7 +145,10 @@ mod tests {
             bus.insert(dev.clone(), 0x5f, 2),
             Err(BusError::Overlap { base: 0x5f, len: 2 })
         );
-        assert_eq!(bus.insert(dev.clone(), 0x70, 0), Err(BusError::ZeroLength(0x70)));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x70, 0),
+            Err(BusError::ZeroLength(0x70))
+        );
         bus.insert(dev, 0x65, 1).unwrap();
     }
 }

@@ -44,7 +44,7 @@ impl VmConfig {
         if self.memory < MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall(self.memory));
         }
-        if self.memory % 4096 != 0 {
+        if !self.memory.is_multiple_of(4096) {
             return Err(ConfigError::MemoryUnaligned(self.memory));
         }
         if self.vcpus == 0 {

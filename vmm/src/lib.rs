@@ -1,6 +1,7 @@
 //! snapvm's virtual machine monitor: KVM VMs and vCPUs, guest memory, boot,
 //! and the `snapvm` command line.
 
+pub mod bench;
 pub mod boot;
 pub mod config;
 pub mod cpuid;

@@ -24,6 +24,29 @@ enum Command {
     /// (isa-debug-exit convention), 0 when it resets or powers off, 1 when a
     /// vCPU fails (the reason is printed), 130 on Ctrl-C.
     Run(RunArgs),
+    /// Benchmarks that print a table next to a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Process start to the test guest's READY line (median of --runs boots)
+    /// and memstamp throughput per vCPU, next to QEMU booting the same guest.
+    Boot {
+        /// Boots per engine.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u8,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -97,5 +120,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Bench(BenchCommand::Boot {
+            runs,
+            vcpus,
+            memory_mib,
+            kernel,
+        }) => {
+            let b = vmm::bench::BootBench {
+                kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
+                runs: runs.max(1),
+                vcpus: vcpus.max(1),
+                memory_mib,
+            };
+            match vmm::bench::boot(&b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
     }
 }

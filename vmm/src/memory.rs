@@ -17,7 +17,9 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// Guest memory would not fit the guest-physical address space.
-    #[error("memory size {size} bytes does not fit the {phys_bits}-bit guest-physical address space")]
+    #[error(
+        "memory size {size} bytes does not fit the {phys_bits}-bit guest-physical address space"
+    )]
     TooLarge {
         /// Requested size.
         size: u64,
@@ -95,14 +97,10 @@ impl GuestRam {
         let mut mappings = Vec::new();
         let mut regions = Vec::new();
         for r in &ranges {
-            let len = usize::try_from(r.size).map_err(|_| MemoryError::TooLarge {
-                size,
-                phys_bits,
-            })?;
-            let (mapping, aligned) = map_aligned(len).map_err(|source| MemoryError::Mmap {
-                size,
-                source,
-            })?;
+            let len =
+                usize::try_from(r.size).map_err(|_| MemoryError::TooLarge { size, phys_bits })?;
+            let (mapping, aligned) =
+                map_aligned(len).map_err(|source| MemoryError::Mmap { size, source })?;
             mappings.push(mapping);
             let prot = libc::PROT_READ | libc::PROT_WRITE;
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
@@ -176,7 +174,7 @@ fn map_aligned(len: usize) -> std::io::Result<(HostMapping, *mut u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]
     fn layout_splits_around_the_mmio_gap() {
@@ -208,8 +206,13 @@ mod tests {
         assert_eq!(ram.size(), 64 << 20);
         let r = ram.memory().iter().next().unwrap();
         assert_eq!(r.as_ptr() as usize % (2 << 20), 0);
-        ram.memory().write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        ram.memory()
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
     }
 
     #[test]

@@ -67,7 +67,10 @@ pub fn run_foreground(config: &VmConfig) -> Result<Outcome, RunError> {
 
     let (sig_read, sig_write) = UnixStream::pair().map_err(RunError::Signals)?;
     sig_read.set_nonblocking(true).map_err(RunError::Signals)?;
-    for (sig, byte) in [(signal_hook::consts::SIGINT, 2u8), (signal_hook::consts::SIGTERM, 15u8)] {
+    for (sig, byte) in [
+        (signal_hook::consts::SIGINT, 2u8),
+        (signal_hook::consts::SIGTERM, 15u8),
+    ] {
         let w = sig_write.try_clone().map_err(RunError::Signals)?;
         register_signal_byte(sig, w, byte).map_err(RunError::Signals)?;
     }

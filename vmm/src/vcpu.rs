@@ -128,7 +128,10 @@ impl std::fmt::Display for VcpuFailure {
                 write!(f, "vCPU {vcpu}: the guest triple-faulted at rip {rip:#x}")
             }
             VcpuFailure::FailEntry { vcpu, reason } => {
-                write!(f, "vCPU {vcpu}: KVM failed to enter the guest (reason {reason:#x})")
+                write!(
+                    f,
+                    "vCPU {vcpu}: KVM failed to enter the guest (reason {reason:#x})"
+                )
             }
             VcpuFailure::Run { vcpu, errno } => write!(
                 f,
@@ -164,7 +167,13 @@ pub fn create(vm: &VmFd, index: u8, cpuid: &CpuId) -> Result<VcpuFd, VcpuError> 
     let fd = vm
         .create_vcpu(index as u64)
         .map_err(|source| VcpuError::Create { index, source })?;
-    let setup = |what| move |source| VcpuError::Setup { index, what, source };
+    let setup = |what| {
+        move |source| VcpuError::Setup {
+            index,
+            what,
+            source,
+        }
+    };
     fd.set_cpuid2(cpuid).map_err(setup("CPUID"))?;
 
     let entries: Vec<kvm_msr_entry> = [
@@ -177,7 +186,7 @@ pub fn create(vm: &VmFd, index: u8, cpuid: &CpuId) -> Result<VcpuFd, VcpuError> 
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
-        (MSR_IA32_MISC_ENABLE, 1), // fast strings
+        (MSR_IA32_MISC_ENABLE, 1),          // fast strings
         (MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back default
     ]
     .iter()
@@ -203,7 +212,10 @@ pub fn create(vm: &VmFd, index: u8, cpuid: &CpuId) -> Result<VcpuFd, VcpuError> 
 
     // LINT0 = ExtINT (legacy PIC), LINT1 = NMI, as firmware would set them.
     let mut lapic = fd.get_lapic().map_err(setup("LAPIC"))?;
-    for (reg, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
+    for (reg, mode) in [
+        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+        (APIC_LVT_LINT1, APIC_MODE_NMI),
+    ] {
         let mut b = [0u8; 4];
         for (i, x) in b.iter_mut().enumerate() {
             *x = lapic.regs[reg + i] as u8;
@@ -224,10 +236,12 @@ pub fn create(vm: &VmFd, index: u8, cpuid: &CpuId) -> Result<VcpuFd, VcpuError> 
 
 /// Puts the boot vCPU at the kernel's entry point.
 pub fn set_boot_state(fd: &VcpuFd, boot: &BootState) -> Result<(), VcpuError> {
-    let setup = |what| move |source| VcpuError::Setup {
-        index: 0,
-        what,
-        source,
+    let setup = |what| {
+        move |source| VcpuError::Setup {
+            index: 0,
+            what,
+            source,
+        }
     };
     let mut sregs = fd.get_sregs().map_err(setup("special registers"))?;
     boot.sregs.apply(&mut sregs);
@@ -488,7 +502,12 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Result<Next,
         }
         // With the in-kernel irqchip HLT stays in KVM; a stray exit is harmless.
         VcpuExit::Hlt => {}
-        VcpuExit::Shutdown => return Err(VcpuFailure::TripleFault { vcpu: index, rip: 0 }),
+        VcpuExit::Shutdown => {
+            return Err(VcpuFailure::TripleFault {
+                vcpu: index,
+                rip: 0,
+            })
+        }
         VcpuExit::SystemEvent(kind, _) => {
             let exit = match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestExit::Reset,
@@ -541,7 +560,10 @@ fn instruction_bytes(fd: &VcpuFd, ram: &GuestRam) -> (u64, Vec<u8>) {
     if let Ok(t) = fd.translate_gva(linear) {
         if t.valid != 0 {
             for i in 0..15u64 {
-                match ram.memory().read_obj::<u8>(GuestAddress(t.physical_address + i)) {
+                match ram
+                    .memory()
+                    .read_obj::<u8>(GuestAddress(t.physical_address + i))
+                {
                     Ok(b) => bytes.push(b),
                     Err(_) => break,
                 }
@@ -595,7 +617,8 @@ fn recover_internal_error(
             events.exception.has_error_code = 0;
             events.exception.pending = 0;
             events.flags = 0;
-            fd.set_vcpu_events(&events).map_err(|_| fail(bytes.clone()))?;
+            fd.set_vcpu_events(&events)
+                .map_err(|_| fail(bytes.clone()))?;
             tracing::debug!("vCPU {vcpu}: injected #BP for int3 at {rip:#x}");
             Ok(Next::Continue)
         }

@@ -10,7 +10,9 @@ use devices::exit::{ExitNotifier, GuestExit};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::irq::IrqLine;
 use devices::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use snapshot::write_protect::{HostRange, WriteProtectError, WriteProtector};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -22,7 +24,9 @@ use crate::config::{ConfigError, VmConfig};
 use crate::cpuid;
 use crate::layout::{HIMEM_START, KVM_TSS_ADDRESS, MMIO_GAP_START, PAGE_SIZE};
 use crate::memory::{GuestRam, MemoryError};
-use crate::vcpu::{self, Requested, StopSink, VcpuContext, VcpuControl, VcpuError, VcpuFailure, VcpuHandle};
+use crate::vcpu::{
+    self, Requested, StopSink, VcpuContext, VcpuControl, VcpuError, VcpuFailure, VcpuHandle,
+};
 
 /// Default KVM device node; `SNAPVM_KVM_DEVICE` overrides it (for tests).
 pub const KVM_DEVICE: &str = "/dev/kvm";
@@ -125,7 +129,8 @@ pub struct Vm {
 }
 
 fn open_kvm() -> Result<Kvm, VmError> {
-    let path = PathBuf::from(std::env::var("SNAPVM_KVM_DEVICE").unwrap_or_else(|_| KVM_DEVICE.into()));
+    let path =
+        PathBuf::from(std::env::var("SNAPVM_KVM_DEVICE").unwrap_or_else(|_| KVM_DEVICE.into()));
     let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| VmError::KvmMissing(path.clone()))?;
     Kvm::new_with_path(&cpath).map_err(|source| match source.errno() {
@@ -244,7 +249,9 @@ impl Vm {
             None => None,
         };
         let boot_state = match format {
-            KernelFormat::Elf => boot::pvh::load(ram.memory(), &config.kernel, &config.cmdline, initrd, &map)?,
+            KernelFormat::Elf => {
+                boot::pvh::load(ram.memory(), &config.kernel, &config.cmdline, initrd, &map)?
+            }
             KernelFormat::BzImage => {
                 boot::bzimage::load(ram.memory(), &config.kernel, &config.cmdline, initrd, &map)?
             }
@@ -265,7 +272,11 @@ impl Vm {
             source: std::io::Error::other(e.to_string()),
         };
         io_bus
-            .insert(serial.clone() as SharedDevice, COM1_PORT as u64, SERIAL_PORT_LEN as u64)
+            .insert(
+                serial.clone() as SharedDevice,
+                COM1_PORT as u64,
+                SERIAL_PORT_LEN as u64,
+            )
             .map_err(bus_err)?;
         io_bus
             .insert(
@@ -286,7 +297,11 @@ impl Vm {
         vcpu::install_kick_handler()?;
         let mut pending_vcpus = Vec::new();
         for index in 0..config.vcpus {
-            let fd = vcpu::create(&vm_fd, index, &cpuid::for_vcpu(&supported, index, config.vcpus))?;
+            let fd = vcpu::create(
+                &vm_fd,
+                index,
+                &cpuid::for_vcpu(&supported, index, config.vcpus),
+            )?;
             if index == 0 {
                 vcpu::set_boot_state(&fd, &boot_state)?;
             }

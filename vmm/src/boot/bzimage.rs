@@ -54,12 +54,13 @@ pub fn load(
         path: path.to_path_buf(),
         source,
     })?;
-    let loaded = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(
-        |e| BootError::Load {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        },
-    )?;
+    let loaded =
+        BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+            BootError::Load {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
     let hdr = loaded.setup_header.ok_or_else(|| BootError::Load {
         path: path.to_path_buf(),
         message: "no setup header".into(),

@@ -63,7 +63,11 @@ mod tests {
         assert_eq!(m.len(), 4);
         assert_eq!(m[3].addr, 4 << 30);
         assert_eq!(m[3].size, 2 << 30);
-        let ram: u64 = m.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = m
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert!(ram < 5 << 30 && ram > (5 << 30) - (1 << 20));
     }
 }

@@ -27,7 +27,10 @@ const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the configuration table (header and entries) for `cpus` vCPUs,
@@ -141,7 +144,8 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         setup_mptable(&mem, 254).unwrap();
         let mut sig = [0u8; 4];
-        mem.read_slice(&mut sig, GuestAddress(MPTABLE_FP_START)).unwrap();
+        mem.read_slice(&mut sig, GuestAddress(MPTABLE_FP_START))
+            .unwrap();
         assert_eq!(&sig, b"_MP_");
     }
 }

@@ -17,7 +17,9 @@ use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
 
 use super::e820::E820Entry;
 use super::{BootError, BootState, SregsSetup};
-use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START};
+use crate::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
+};
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
