@@ -4,4 +4,5 @@
 //! ([`write_protect`]), registered when a VM is created so that live
 //! snapshots can protect memory without re-registering it.
 
+pub mod disk;
 pub mod write_protect;
