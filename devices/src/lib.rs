@@ -10,3 +10,4 @@ pub mod exit;
 pub mod i8042;
 pub mod irq;
 pub mod serial;
+pub mod virtio;

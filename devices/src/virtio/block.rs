@@ -1,0 +1,544 @@
+//! virtio-blk: read, write, flush and get-id over a [`BlockBackend`],
+//! served on a worker thread woken by the queue's ioeventfd.
+//!
+//! The guest is untrusted: every descriptor is checked (direction, length,
+//! address inside guest memory, chain length bounded by the queue size) and a
+//! bad request gets an error status; it never touches host memory outside
+//! the guest or stops the device.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::mmio::VirtioDevice;
+use super::VirtioInterrupt;
+
+/// Virtio device type of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size offered.
+pub const QUEUE_SIZE: u16 = 128;
+/// Largest data transfer accepted in one request.
+pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+/// Request status: success.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Request status: I/O error (also: malformed request).
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Request status: unsupported request type.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+const ID_BYTES: usize = 20;
+
+/// The storage behind a virtio-blk device.
+pub trait BlockBackend: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// Serves requests of one queue.
+pub struct RequestHandler {
+    backend: Arc<dyn BlockBackend>,
+    readonly: bool,
+    id: [u8; ID_BYTES],
+}
+
+/// Why a request failed (kept for logging; the guest only sees the status).
+#[derive(Debug, PartialEq, Eq)]
+enum Bad {
+    Malformed(&'static str),
+    Io,
+    Unsupported(u32),
+}
+
+impl RequestHandler {
+    /// Creates a handler; `id` is returned by GET_ID (truncated to 20 bytes).
+    pub fn new(backend: Arc<dyn BlockBackend>, readonly: bool, id: &str) -> Self {
+        let mut b = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        b[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Self {
+            backend,
+            readonly,
+            id: b,
+        }
+    }
+
+    /// Processes every available request; returns whether the driver
+    /// should be interrupted.
+    pub fn process_queue(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            // The chain iterator stops at loops (TTL = queue size), indexes
+            // beyond the table and unreadable descriptors.
+            let descs: Vec<Descriptor> = chain.take(QUEUE_SIZE as usize + 1).collect();
+            let len = self.handle(&descs, mem);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!("virtio-blk: cannot complete request {head}: {e:?}");
+            }
+            used_any = true;
+        }
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    /// Handles one request; returns the number of bytes written into
+    /// device-writable buffers (the used length).
+    fn handle(&self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
+        // A chain whose last descriptor still points on was cut short (a
+        // loop, or an index beyond the table): there is no status to write.
+        let Some(status) = descs
+            .last()
+            .filter(|d| d.is_write_only() && d.len() >= 1 && !d.has_next())
+        else {
+            tracing::debug!("virtio-blk: request without a status descriptor");
+            return 0;
+        };
+        let (code, written) = match self.execute(descs, mem) {
+            Ok(written) => (VIRTIO_BLK_S_OK, written),
+            Err(bad) => {
+                tracing::debug!("virtio-blk: request failed: {bad:?}");
+                let code = match bad {
+                    Bad::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
+                    _ => VIRTIO_BLK_S_IOERR,
+                };
+                (code, 0)
+            }
+        };
+        if mem.write_obj(code, status.addr()).is_err() {
+            return 0;
+        }
+        written + 1
+    }
+
+    fn execute(&self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> Result<u32, Bad> {
+        if descs.len() < 2 {
+            return Err(Bad::Malformed("chain too short"));
+        }
+        if descs.len() > QUEUE_SIZE as usize {
+            return Err(Bad::Malformed("chain longer than the queue"));
+        }
+        let header = descs[0];
+        if header.is_write_only() || header.len() < 16 {
+            return Err(Bad::Malformed("bad header descriptor"));
+        }
+        let mut h = [0u8; 16];
+        mem.read_slice(&mut h, header.addr())
+            .map_err(|_| Bad::Malformed("header outside guest memory"))?;
+        let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        let data = &descs[1..descs.len() - 1];
+        match kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let reading = kind == VIRTIO_BLK_T_IN;
+                if data.iter().any(|d| d.is_write_only() != reading) {
+                    return Err(Bad::Malformed("data descriptor has the wrong direction"));
+                }
+                let total: u64 = data.iter().map(|d| d.len() as u64).sum();
+                if total == 0 || total % SECTOR_SIZE != 0 || total > MAX_REQUEST_BYTES {
+                    return Err(Bad::Malformed("bad data length"));
+                }
+                let start = sector
+                    .checked_mul(SECTOR_SIZE)
+                    .ok_or(Bad::Malformed("sector overflows"))?;
+                if start
+                    .checked_add(total)
+                    .is_none_or(|end| end > self.backend.size())
+                {
+                    return Err(Bad::Malformed("beyond the end of the disk"));
+                }
+                if !reading && self.readonly {
+                    return Err(Bad::Io);
+                }
+                let mut offset = start;
+                for d in data {
+                    let mut buf = vec![0u8; d.len() as usize];
+                    if reading {
+                        self.backend.read_at(&mut buf, offset).map_err(|_| Bad::Io)?;
+                        mem.write_slice(&buf, d.addr())
+                            .map_err(|_| Bad::Malformed("buffer outside guest memory"))?;
+                    } else {
+                        mem.read_slice(&mut buf, d.addr())
+                            .map_err(|_| Bad::Malformed("buffer outside guest memory"))?;
+                        self.backend.write_at(&buf, offset).map_err(|_| Bad::Io)?;
+                    }
+                    offset += d.len() as u64;
+                }
+                Ok(if reading { total as u32 } else { 0 })
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                self.backend.flush().map_err(|_| Bad::Io)?;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let d = data.first().ok_or(Bad::Malformed("no id buffer"))?;
+                if !d.is_write_only() {
+                    return Err(Bad::Malformed("id buffer not writable"));
+                }
+                let n = (d.len() as usize).min(ID_BYTES);
+                mem.write_slice(&self.id[..n], d.addr())
+                    .map_err(|_| Bad::Malformed("id buffer outside guest memory"))?;
+                Ok(n as u32)
+            }
+            other => Err(Bad::Unsupported(other)),
+        }
+    }
+}
+
+struct Worker {
+    thread: JoinHandle<()>,
+    kill: EventFd,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    handler: Arc<RequestHandler>,
+    readonly: bool,
+    worker: Mutex<Option<Worker>>,
+}
+
+impl Block {
+    /// Creates a block device over `backend`.
+    pub fn new(backend: Arc<dyn BlockBackend>, readonly: bool, id: &str) -> Self {
+        Self {
+            handler: Arc::new(RequestHandler::new(backend, readonly, id)),
+            readonly,
+            worker: Mutex::new(None),
+        }
+    }
+
+    fn stop_worker(&mut self) {
+        let w = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = w {
+            let _ = w.kill.write(1);
+            let _ = w.thread.join();
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+fn wait_readable(fds: &[i32]) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a valid array of pollfd of the given length.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
+        if r >= 0 {
+            return Ok(p.iter().map(|x| x.revents & libc::POLLIN != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH;
+        if self.readonly {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // capacity (u64, sectors) @0, size_max (u32) @8, seg_max (u32) @12.
+        let mut cfg = [0u8; 16];
+        cfg[..8].copy_from_slice(&(self.handler.backend.size() / SECTOR_SIZE).to_le_bytes());
+        cfg[12..16].copy_from_slice(&(QUEUE_SIZE as u32 - 2).to_le_bytes());
+        data.fill(0);
+        let start = offset as usize;
+        if start < cfg.len() {
+            let n = data.len().min(cfg.len() - start);
+            data[..n].copy_from_slice(&cfg[start..start + n]);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        queues: Vec<Queue>,
+        notify: Vec<EventFd>,
+        irq: Arc<VirtioInterrupt>,
+    ) -> io::Result<()> {
+        self.stop_worker();
+        let mut queue = queues
+            .into_iter()
+            .next()
+            .ok_or_else(|| io::Error::other("virtio-blk needs one queue"))?;
+        let notify = notify
+            .into_iter()
+            .next()
+            .ok_or_else(|| io::Error::other("virtio-blk needs one notifier"))?;
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        let kill2 = kill.try_clone()?;
+        let handler = self.handler.clone();
+        let thread = std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || loop {
+                let ready = match wait_readable(&[notify.as_raw_fd(), kill2.as_raw_fd()]) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!("virtio-blk worker: {e}");
+                        return;
+                    }
+                };
+                if ready[1] {
+                    return;
+                }
+                let _ = notify.read();
+                if handler.process_queue(&mut queue, &mem) {
+                    irq.signal_used_queue();
+                }
+            })?;
+        *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(Worker { thread, kill });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    /// A RAM-backed disk.
+    struct MemDisk(Mutex<Vec<u8>>);
+    impl BlockBackend for MemDisk {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            let d = self.0.lock().unwrap();
+            buf.copy_from_slice(&d[off as usize..off as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            d[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const QSIZE: u16 = 16;
+    const MEM: usize = 0x10_0000;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// A split queue laid out by hand in a small fake guest memory.
+    struct Rig {
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        handler: RequestHandler,
+        disk: Arc<MemDisk>,
+        avail_idx: u16,
+    }
+
+    impl Rig {
+        fn new(readonly: bool) -> Self {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            let mut queue = Queue::new(QSIZE).unwrap();
+            queue.set_size(QSIZE);
+            queue.set_desc_table_address(Some(DESC as u32), Some(0));
+            queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+            queue.set_used_ring_address(Some(USED as u32), Some(0));
+            queue.set_ready(true);
+            assert!(queue.is_valid(&mem));
+            let disk = Arc::new(MemDisk(Mutex::new((0..64 * 512).map(|i| (i / 512) as u8).collect())));
+            Self {
+                mem,
+                queue,
+                handler: RequestHandler::new(disk.clone(), readonly, "snapvm-test"),
+                disk,
+                avail_idx: 0,
+            }
+        }
+
+        fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let a = DESC + i as u64 * 16;
+            self.mem.write_obj(addr, GuestAddress(a)).unwrap();
+            self.mem.write_obj(len, GuestAddress(a + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+            self.mem.write_obj(next, GuestAddress(a + 14)).unwrap();
+        }
+
+        fn header(&self, at: u64, kind: u32, sector: u64) {
+            self.mem.write_obj(kind, GuestAddress(at)).unwrap();
+            self.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+        }
+
+        /// Publishes chain `head` and runs the device; returns (status byte
+        /// at `status_at`, used length).
+        fn submit(&mut self, head: u16, status_at: u64) -> (u8, u32) {
+            self.mem.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
+            let slot = self.avail_idx % QSIZE;
+            self.mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot as u64)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+            assert!(self.handler.process_queue(&mut self.queue, &self.mem));
+            let used_idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            assert_eq!(used_idx, self.avail_idx, "every request is completed");
+            let e = USED + 4 + 8 * ((used_idx.wrapping_sub(1)) % QSIZE) as u64;
+            let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+            assert_eq!(id, head as u32);
+            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
+            (self.mem.read_obj(GuestAddress(status_at)).unwrap(), len)
+        }
+
+        /// A well-formed read of `sectors` sectors at `sector` into 0x8000.
+        fn good_read(&mut self, sector: u64) -> (u8, u32) {
+            self.header(0x4000, VIRTIO_BLK_T_IN, sector);
+            self.set_desc(0, 0x4000, 16, NEXT, 1);
+            self.set_desc(1, 0x8000, 512, NEXT | WRITE, 2);
+            self.set_desc(2, 0x5000, 1, WRITE, 0);
+            self.submit(0, 0x5000)
+        }
+    }
+
+    #[test]
+    fn read_write_flush_and_id() {
+        let mut r = Rig::new(false);
+        assert_eq!(r.good_read(3), (VIRTIO_BLK_S_OK, 513));
+        let mut b = [0u8; 512];
+        r.mem.read_slice(&mut b, GuestAddress(0x8000)).unwrap();
+        assert_eq!(b, [3u8; 512]);
+
+        r.mem.write_slice(&[0xab; 1024], GuestAddress(0x9000)).unwrap();
+        r.header(0x4000, VIRTIO_BLK_T_OUT, 10);
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        r.set_desc(1, 0x9000, 1024, NEXT, 2);
+        r.set_desc(2, 0x5000, 1, WRITE, 0);
+        assert_eq!(r.submit(0, 0x5000), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(&r.disk.0.lock().unwrap()[10 * 512..12 * 512], &[0xab; 1024][..]);
+
+        r.header(0x4000, VIRTIO_BLK_T_FLUSH, 0);
+        r.set_desc(0, 0x4000, 16, NEXT, 2);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_OK);
+
+        r.header(0x4000, VIRTIO_BLK_T_GET_ID, 0);
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        r.set_desc(1, 0xa000, 20, NEXT | WRITE, 2);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_OK);
+        let mut id = [0u8; 11];
+        r.mem.read_slice(&mut id, GuestAddress(0xa000)).unwrap();
+        assert_eq!(&id, b"snapvm-test");
+    }
+
+    #[test]
+    fn malformed_chains_get_errors_and_the_device_keeps_serving() {
+        let mut r = Rig::new(false);
+        // Data buffer outside guest memory.
+        r.header(0x4000, VIRTIO_BLK_T_IN, 0);
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        r.set_desc(1, MEM as u64 - 256, 512, NEXT | WRITE, 2);
+        r.set_desc(2, 0x5000, 1, WRITE, 0);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.good_read(1).0, VIRTIO_BLK_S_OK);
+
+        // Wrong direction: a read into a device-readable buffer.
+        r.set_desc(1, 0x8000, 512, NEXT, 2);
+        r.header(0x4000, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.good_read(2).0, VIRTIO_BLK_S_OK);
+
+        // A loop: 0 -> 1 -> 0 ... never reaches a status descriptor.
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        r.set_desc(1, 0x8000, 512, NEXT | WRITE, 0);
+        let (status, len) = r.submit(0, 0x5000);
+        assert_eq!((status, len), (0xff, 0), "no status can be written, but the chain completes");
+        assert_eq!(r.good_read(4).0, VIRTIO_BLK_S_OK);
+
+        // Next index beyond the table.
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        r.set_desc(1, 0x8000, 512, NEXT | WRITE, 200);
+        assert_eq!(r.submit(0, 0x5000), (0xff, 0));
+        assert_eq!(r.good_read(5).0, VIRTIO_BLK_S_OK);
+
+        // Oversized: more than MAX_REQUEST_BYTES.
+        r.header(0x4000, VIRTIO_BLK_T_IN, 0);
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        r.set_desc(1, 0x8000, (MAX_REQUEST_BYTES + 512) as u32, NEXT | WRITE, 2);
+        r.set_desc(2, 0x5000, 1, WRITE, 0);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_IOERR);
+
+        // Beyond the end of the disk.
+        assert_eq!(r.good_read(64).0, VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.good_read(u64::MAX / 256).0, VIRTIO_BLK_S_IOERR);
+
+        // Header outside memory; unknown request type.
+        r.set_desc(0, u64::MAX - 8, 16, NEXT, 1);
+        r.set_desc(1, 0x8000, 512, NEXT | WRITE, 2);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_IOERR);
+        r.header(0x4000, 99, 0);
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_UNSUPP);
+
+        // Still serving, and the disk only changed where it was written.
+        assert_eq!(r.good_read(7), (VIRTIO_BLK_S_OK, 513));
+        let d = r.disk.0.lock().unwrap();
+        assert!(d.chunks(512).enumerate().all(|(i, s)| s.iter().all(|b| *b == i as u8)));
+    }
+
+    #[test]
+    fn readonly_disk_refuses_writes() {
+        let mut r = Rig::new(true);
+        r.header(0x4000, VIRTIO_BLK_T_OUT, 0);
+        r.set_desc(0, 0x4000, 16, NEXT, 1);
+        r.set_desc(1, 0x9000, 512, NEXT, 2);
+        r.set_desc(2, 0x5000, 1, WRITE, 0);
+        assert_eq!(r.submit(0, 0x5000).0, VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.disk.0.lock().unwrap()[0], 0);
+    }
+}
