@@ -386,6 +386,7 @@ static u64 seed;
 static u64 rate_mibps;
 static u64 passes;
 static u64 area_pages;
+static u64 disk_blocks;
 static u32 ncpus;
 static volatile u32 cpus_online;
 static volatile u32 cpus_done;
@@ -489,6 +490,238 @@ static void memstamp(u32 cpu)
 }
 
 /* ---------------------------------------------------------------- */
+/* virtio-mmio block driver (polling, one request at a time)         */
+/* ---------------------------------------------------------------- */
+
+#define VQ_SIZE 8
+#define DISK_BLOCK 4096ull
+#define MAX_DISK_BLOCKS (1u << 20)
+
+struct vq_desc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+
+static struct {
+    struct vq_desc desc[VQ_SIZE];
+} vq_desc_table __attribute__((aligned(4096)));
+static struct {
+    u16 flags;
+    u16 idx;
+    u16 ring[VQ_SIZE];
+    u16 used_event;
+} vq_avail __attribute__((aligned(4096)));
+static struct {
+    u16 flags;
+    u16 idx;
+    struct {
+        u32 id;
+        u32 len;
+    } ring[VQ_SIZE];
+    u16 avail_event;
+} vq_used __attribute__((aligned(4096)));
+
+static struct {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+} blk_hdr __attribute__((aligned(64)));
+static volatile u8 blk_status __attribute__((aligned(64)));
+static u8 blk_buf[DISK_BLOCK] __attribute__((aligned(4096)));
+static u32 disk_gen[MAX_DISK_BLOCKS];
+
+static volatile u32 *vio;
+static u64 disk_sectors;
+static u16 vq_last_used;
+
+static u32 vio_read(u32 off)
+{
+    return vio[off / 4];
+}
+
+static void vio_write(u32 off, u32 v)
+{
+    vio[off / 4] = v;
+}
+
+static void disk_fail(const char *what, u64 a, u64 b)
+{
+    lock_print();
+    puts_("TESTGUEST FAIL workload=diskstamp ");
+    puts_(what);
+    puts_(" ");
+    put_hex(a);
+    puts_(" ");
+    put_hex(b);
+    puts_("\n");
+    unlock_print();
+    __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+    guest_exit(STATUS_VERIFY_FAILED);
+    sys_halt();
+}
+
+/* Parses the first virtio_mmio.device=<size>@<addr>:<irq> argument. */
+static u64 virtio_mmio_base(void)
+{
+    const char *v = arg("virtio_mmio.device");
+    if (!v)
+        return 0;
+    while (*v && *v != '@' && *v != ' ')
+        v++;
+    if (*v != '@')
+        return 0;
+    v++;
+    u64 r = 0;
+    if (v[0] == '0' && v[1] == 'x')
+        v += 2;
+    for (; *v && *v != ':' && *v != ' '; v++) {
+        u32 d;
+        if (*v >= '0' && *v <= '9')
+            d = (u32)(*v - '0');
+        else if (*v >= 'a' && *v <= 'f')
+            d = (u32)(*v - 'a' + 10);
+        else if (*v >= 'A' && *v <= 'F')
+            d = (u32)(*v - 'A' + 10);
+        else
+            return 0;
+        r = r * 16 + d;
+    }
+    return r;
+}
+
+static void disk_init(void)
+{
+    u64 base = virtio_mmio_base();
+    if (!base)
+        disk_fail("no virtio_mmio.device= on the command line", 0, 0);
+    vio = (volatile u32 *)base;
+    if (vio_read(0) != 0x74726976 || vio_read(4) != 2 || vio_read(8) != 2)
+        disk_fail("no virtio 1.x block device at", base, vio_read(8));
+    vio_write(0x70, 0);
+    vio_write(0x70, 1);     /* ACKNOWLEDGE */
+    vio_write(0x70, 1 | 2); /* DRIVER */
+    vio_write(0x14, 1);
+    if (!(vio_read(0x10) & 1))
+        disk_fail("device does not offer VIRTIO_F_VERSION_1", 0, 0);
+    vio_write(0x24, 1);
+    vio_write(0x20, 1); /* VERSION_1 */
+    vio_write(0x24, 0);
+    vio_write(0x20, 1u << 9); /* FLUSH */
+    vio_write(0x70, 1 | 2 | 8);
+    if (!(vio_read(0x70) & 8))
+        disk_fail("device refused our features", vio_read(0x70), 0);
+    vio_write(0x30, 0);
+    if (vio_read(0x34) < VQ_SIZE)
+        disk_fail("queue too small", vio_read(0x34), VQ_SIZE);
+    vio_write(0x38, VQ_SIZE);
+    vio_write(0x80, (u32)(u64)&vq_desc_table);
+    vio_write(0x84, (u32)((u64)&vq_desc_table >> 32));
+    vio_write(0x90, (u32)(u64)&vq_avail);
+    vio_write(0x94, (u32)((u64)&vq_avail >> 32));
+    vio_write(0xa0, (u32)(u64)&vq_used);
+    vio_write(0xa4, (u32)((u64)&vq_used >> 32));
+    vio_write(0x44, 1);
+    vio_write(0x70, 1 | 2 | 8 | 4); /* DRIVER_OK */
+    disk_sectors = (u64)vio_read(0x100) | ((u64)vio_read(0x104) << 32);
+    vq_last_used = vq_used.idx;
+}
+
+/* One request: type 0 read / 1 write / 4 flush of one DISK_BLOCK. */
+static void disk_request(u32 type, u64 block)
+{
+    blk_hdr.type = type;
+    blk_hdr.reserved = 0;
+    blk_hdr.sector = block * (DISK_BLOCK / 512);
+    blk_status = 0xff;
+    vq_desc_table.desc[0] = (struct vq_desc){(u64)&blk_hdr, 16, 1, 1};
+    if (type == 4) {
+        vq_desc_table.desc[0].next = 2;
+    } else {
+        vq_desc_table.desc[1] =
+            (struct vq_desc){(u64)blk_buf, DISK_BLOCK, (u16)(1 | (type == 0 ? 2 : 0)), 2};
+    }
+    vq_desc_table.desc[2] = (struct vq_desc){(u64)&blk_status, 1, 2, 0};
+    u16 idx = vq_avail.idx;
+    vq_avail.ring[idx % VQ_SIZE] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    *(volatile u16 *)&vq_avail.idx = (u16)(idx + 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    vio_write(0x50, 0);
+    u64 t0 = now_ns();
+    while (*(volatile u16 *)&vq_used.idx == vq_last_used) {
+        if (now_ns() - t0 > 10000000000ull)
+            disk_fail("request timed out: type/block", type, block);
+        cpu_relax();
+    }
+    vq_last_used++;
+    vio_write(0x64, vio_read(0x60)); /* ack any interrupt status */
+    if (blk_status != 0)
+        disk_fail("request failed: type/block", type, block);
+}
+
+static void diskstamp(u64 blocks, u64 dpasses)
+{
+    u64 t0 = now_ns();
+    for (u64 pass = 1; dpasses == 0 || pass <= dpasses; pass++) {
+        for (u64 b = 0; b < blocks; b++) {
+            u32 g = disk_gen[b];
+            disk_request(0, b);
+            const u64 *w = (const u64 *)blk_buf;
+            u64 base = g ? stamp_base(b ^ 0x8000000000000000ull, g) : 0;
+            for (u64 i = 0; i < DISK_BLOCK / 8; i++) {
+                u64 expect = g ? stamp_word(base, i) : 0;
+                if (w[i] != expect) {
+                    lock_print();
+                    puts_("TESTGUEST FAIL vcpu=0 workload=diskstamp block=");
+                    put_dec(b);
+                    puts_(" expected_gen=");
+                    put_dec(g);
+                    puts_(" word=");
+                    put_dec(i);
+                    puts_(" expected=");
+                    put_hex(expect);
+                    puts_(" found=");
+                    put_hex(w[i]);
+                    for (u32 k = g > 4 ? g - 4 : 0; k <= g + 4; k++) {
+                        u64 e = k ? stamp_word(stamp_base(b ^ 0x8000000000000000ull, k), i) : 0;
+                        if (e == w[i] && k != g) {
+                            puts_(" found_gen=");
+                            put_dec(k);
+                            break;
+                        }
+                    }
+                    puts_("\n");
+                    unlock_print();
+                    __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+                    guest_exit(STATUS_VERIFY_FAILED);
+                    sys_halt();
+                }
+            }
+            u64 nb = stamp_base(b ^ 0x8000000000000000ull, g + 1);
+            u64 *o = (u64 *)blk_buf;
+            for (u64 i = 0; i < DISK_BLOCK / 8; i++)
+                o[i] = stamp_word(nb, i);
+            disk_request(1, b);
+            disk_gen[b] = g + 1;
+        }
+        disk_request(4, 0);
+        u64 dt = now_ns() - t0;
+        lock_print();
+        puts_("TESTGUEST PASS vcpu=0 workload=diskstamp gen=");
+        put_dec(pass);
+        puts_(" blocks=");
+        put_dec(blocks);
+        puts_(" ns=");
+        put_dec(dt);
+        puts_("\n");
+        unlock_print();
+        t0 = now_ns();
+    }
+}
+
+/* ---------------------------------------------------------------- */
 /* Entry points                                                      */
 /* ---------------------------------------------------------------- */
 
@@ -519,7 +752,11 @@ static void fail_args(const char *what)
 
 static void run_workload(u32 cpu)
 {
-    if (arg_is("workload", "memstamp")) {
+    if (arg_is("workload", "diskstamp")) {
+        if (cpu == 0)
+            diskstamp(disk_blocks, passes);
+        finish_cpu();
+    } else if (arg_is("workload", "memstamp")) {
         memstamp(cpu);
         finish_cpu();
     } else if (arg_is("workload", "emulation")) {
@@ -582,8 +819,9 @@ static void bsp_main(void)
     if (!ok)
         fail_args("(a number is malformed)");
     if (arg("workload") && !(arg_is("workload", "idle") || arg_is("workload", "memstamp") ||
-                              arg_is("workload", "crash") || arg_is("workload", "emulation")))
-        fail_args("(workload must be idle, memstamp, crash or emulation)");
+                              arg_is("workload", "crash") || arg_is("workload", "emulation") ||
+                              arg_is("workload", "diskstamp")))
+        fail_args("(workload must be idle, memstamp, diskstamp, crash or emulation)");
     if (want_cpus == 0 || want_cpus > MAX_CPUS)
         fail_args("(vcpus out of range)");
     ncpus = (u32)want_cpus;
@@ -604,6 +842,24 @@ static void bsp_main(void)
         }
         if (area_pages < ncpus)
             fail_args("(fewer pages than vCPUs)");
+    }
+
+    if (arg_is("workload", "diskstamp")) {
+        disk_blocks = arg_u64("blocks", 64, &ok);
+        if (!ok || disk_blocks == 0 || disk_blocks > MAX_DISK_BLOCKS)
+            fail_args("(blocks must be 1..1048576)");
+        disk_init();
+        if (disk_blocks * (DISK_BLOCK / 512) > disk_sectors) {
+            lock_print();
+            puts_("TESTGUEST FAIL bad-arguments blocks=");
+            put_dec(disk_blocks);
+            puts_(" do not fit the disk of ");
+            put_dec(disk_sectors);
+            puts_(" sectors\n");
+            unlock_print();
+            guest_exit(STATUS_BAD_ARGS);
+            sys_halt();
+        }
     }
 
     /* Wait for the APs (woken by INIT/SIPI in ring 0) for up to 5 s. */
@@ -630,6 +886,16 @@ static void bsp_main(void)
     put_dec(ram_bytes >> 20);
     puts_(" workload=");
     put_arg("workload");
+    if (arg_is("workload", "diskstamp")) {
+        puts_(" blocks=");
+        put_dec(disk_blocks);
+        puts_(" disk_sectors=");
+        put_dec(disk_sectors);
+        puts_(" passes=");
+        put_dec(passes);
+        puts_(" seed=");
+        put_dec(seed);
+    }
     if (arg_is("workload", "memstamp")) {
         puts_(" mem_mib=");
         put_dec(mem_mib);

@@ -359,8 +359,8 @@ pub fn create_overlay(backing: &Path, new: &Path) -> Result<(), DiskError> {
     let size = base.size();
     drop(base);
     let rel = relative_path(backing, new.parent().unwrap_or(Path::new(".")));
-    let file = File::create_open(StorageCreateOptions::new().filename(new).size(0))
-        .map_err(create_err)?;
+    let file =
+        File::create_open(StorageCreateOptions::new().filename(new).size(0)).map_err(create_err)?;
     Qcow2::<File>::create_builder(file)
         .size(size)
         .backing(rel.to_string_lossy().into_owned(), format.name().into())
@@ -451,7 +451,10 @@ mod tests {
         assert_eq!(chain.len(), 3);
         assert_eq!(chain[1].format, DiskFormat::Qcow2);
         assert_eq!(chain[2].format, DiskFormat::Raw);
-        assert_eq!(std::fs::canonicalize(&chain[2].path).unwrap(), std::fs::canonicalize(&base).unwrap());
+        assert_eq!(
+            std::fs::canonicalize(&chain[2].path).unwrap(),
+            std::fs::canonicalize(&base).unwrap()
+        );
 
         let d = Disk::open(&top, false).unwrap();
         assert_eq!(d.size(), 1 << 20);
@@ -464,7 +467,10 @@ mod tests {
         let d = Disk::open(&top, true).unwrap();
         d.read_at(&mut b, 4096).unwrap();
         assert_eq!(b, [0x55; 512]);
-        assert!(d.write_at(&[0; 512], 0).is_err(), "read-only disk refuses writes");
+        assert!(
+            d.write_at(&[0; 512], 0).is_err(),
+            "read-only disk refuses writes"
+        );
         // Lower layers untouched.
         let m = Disk::open(&mid, true).unwrap();
         m.read_at(&mut b, 4096).unwrap();
@@ -481,7 +487,10 @@ mod tests {
         create_overlay(&base, &top).unwrap();
         std::fs::remove_file(&base).unwrap();
         let e = Disk::open(&top, false).unwrap_err().to_string();
-        assert!(e.contains("backing file") && e.contains("base.raw") && e.contains("top.qcow2"), "{e}");
+        assert!(
+            e.contains("backing file") && e.contains("base.raw") && e.contains("top.qcow2"),
+            "{e}"
+        );
 
         let vmdk = t.0.join("x.vmdk");
         std::fs::write(&vmdk, b"KDMV\x01\0\0\0 and more").unwrap();
@@ -493,13 +502,21 @@ mod tests {
         let e = Disk::open(&odd, false).unwrap_err().to_string();
         assert!(e.contains("multiple of 512"), "{e}");
 
-        let e = Disk::open(&t.0.join("nope.img"), false).unwrap_err().to_string();
+        let e = Disk::open(&t.0.join("nope.img"), false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope.img"), "{e}");
     }
 
     #[test]
     fn relative_paths() {
-        assert_eq!(relative_path(Path::new("/a/b/c"), Path::new("/a/d")), PathBuf::from("../b/c"));
-        assert_eq!(relative_path(Path::new("/a/b"), Path::new("/a")), PathBuf::from("b"));
+        assert_eq!(
+            relative_path(Path::new("/a/b/c"), Path::new("/a/d")),
+            PathBuf::from("../b/c")
+        );
+        assert_eq!(
+            relative_path(Path::new("/a/b"), Path::new("/a")),
+            PathBuf::from("b")
+        );
     }
 }

@@ -21,7 +21,47 @@ pub enum ConfigError {
     /// No vCPUs.
     #[error("--vcpus must be at least 1")]
     NoVcpus,
+    /// Unknown option in a --disk argument.
+    #[error("invalid disk option '{0}': use --disk PATH or --disk PATH,readonly")]
+    BadDiskOption(String),
+    /// More disks than interrupt lines.
+    #[error("{0} disks given; snapvm supports at most 16")]
+    TooManyDisks(usize),
 }
+
+/// One disk given to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Image file (raw, or qcow2 whose backing chain is followed).
+    pub path: PathBuf,
+    /// Whether the guest may write.
+    pub readonly: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// Parses `PATH[,readonly]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, opts) = match s.rsplit_once(',') {
+            Some((p, o)) if o == "readonly" || o == "ro" => (p, Some(o)),
+            Some((_, o)) if !o.contains('/') => {
+                return Err(ConfigError::BadDiskOption(o.to_string()))
+            }
+            _ => (s, None),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::BadDiskOption(s.to_string()));
+        }
+        Ok(Self {
+            path: path.into(),
+            readonly: opts.is_some(),
+        })
+    }
+}
+
+/// Most disks a VM can have (one IOAPIC pin each).
+pub const MAX_DISKS: usize = 16;
 
 /// What a VM is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +76,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// Disks, in the order the guest sees them.
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -49,6 +91,9 @@ impl VmConfig {
         }
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
         Ok(())
     }
@@ -91,6 +136,21 @@ mod tests {
     }
 
     #[test]
+    fn disk_arguments() {
+        let d: DiskConfig = "/a/b.qcow2".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/a/b.qcow2"));
+        assert!(!d.readonly);
+        let d: DiskConfig = "/a/b.raw,readonly".parse().unwrap();
+        assert!(d.readonly);
+        assert_eq!(d.path, PathBuf::from("/a/b.raw"));
+        assert_eq!(
+            "/a/b.raw,rw".parse::<DiskConfig>(),
+            Err(ConfigError::BadDiskOption("rw".into()))
+        );
+        assert!(",readonly".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
     fn validation() {
         let mut c = VmConfig {
             kernel: "k".into(),
@@ -98,6 +158,7 @@ mod tests {
             initrd: None,
             memory: 256 << 20,
             vcpus: 1,
+            disks: vec![],
         };
         assert_eq!(c.validate(), Ok(()));
         c.memory = 0;

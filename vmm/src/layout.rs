@@ -50,3 +50,10 @@ pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APIC's MMIO base.
 pub const APIC_START: u64 = 0xfee0_0000;
+
+/// First virtio-mmio device window (in the MMIO gap).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Distance between virtio-mmio device windows.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// IOAPIC pin of the first virtio device (COM1 has 4).
+pub const VIRTIO_IRQ_BASE: u32 = 5;

@@ -2,6 +2,7 @@
 //! and the `snapvm` command line.
 
 pub mod bench;
+pub mod block;
 pub mod boot;
 pub mod config;
 pub mod cpuid;

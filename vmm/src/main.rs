@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmm::config::{parse_size, VmConfig};
+use vmm::config::{parse_size, DiskConfig, VmConfig};
 use vmm::vm::Outcome;
 
 /// snapvm: a KVM virtual machine monitor for test guests, built around live
@@ -27,6 +27,34 @@ enum Command {
     /// Benchmarks that print a table next to a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Disk images: create qcow2 images and differencing layers, show chains.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+#[derive(Subcommand)]
+enum DiskCommand {
+    /// Create an empty qcow2 image.
+    Create {
+        /// The new image.
+        path: PathBuf,
+        /// Virtual size, e.g. 1G.
+        #[arg(long)]
+        size: String,
+    },
+    /// Create a qcow2 differencing layer on top of BACKING (raw or qcow2).
+    /// The backing path is stored relative to the new file, with its format.
+    Overlay {
+        /// The existing layer below.
+        backing: PathBuf,
+        /// The new layer.
+        path: PathBuf,
+    },
+    /// Show an image's backing chain, top first.
+    Info {
+        /// The image.
+        path: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -66,6 +94,12 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u16,
+    /// A disk (raw, or qcow2 with its backing chain) as a virtio-blk device;
+    /// repeat for more, in the order the guest sees them. Add ",readonly"
+    /// to refuse guest writes. The devices are announced on the kernel
+    /// command line (virtio_mmio.device=...).
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<String>,
 }
 
 fn init_logging() {
@@ -92,12 +126,20 @@ fn run(args: RunArgs) -> ExitCode {
     let Ok(vcpus) = u8::try_from(args.vcpus) else {
         return fail(format!("--vcpus {} is above the limit of 254", args.vcpus));
     };
+    let mut disks = Vec::new();
+    for d in &args.disks {
+        match d.parse::<DiskConfig>() {
+            Ok(d) => disks.push(d),
+            Err(e) => return fail(e),
+        }
+    }
     let config = VmConfig {
         kernel: args.kernel,
         cmdline: args.cmdline,
         initrd: args.initrd,
         memory,
         vcpus,
+        disks,
     };
     match vmm::run::run_foreground(&config) {
         Ok(outcome) => {
@@ -115,11 +157,46 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+fn disk(cmd: DiskCommand) -> ExitCode {
+    use snapshot::disk;
+    let refuse_existing = |p: &std::path::Path| {
+        if p.exists() {
+            Err(format!(
+                "{} already exists; snapvm never overwrites an image",
+                p.display()
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let result = match cmd {
+        DiskCommand::Create { path, size } => refuse_existing(&path).and_then(|_| {
+            let size = parse_size(&size).map_err(|e| e.to_string())?;
+            disk::create_qcow2(&path, size).map_err(|e| e.to_string())
+        }),
+        DiskCommand::Overlay { backing, path } => refuse_existing(&path)
+            .and_then(|_| disk::create_overlay(&backing, &path).map_err(|e| e.to_string())),
+        DiskCommand::Info { path } => disk::Disk::open(&path, true)
+            .map(|d| {
+                println!("{}: virtual size {} bytes", path.display(), d.size());
+                for (i, l) in d.chain().iter().enumerate() {
+                    println!("  layer {i}: {} ({})", l.path.display(), l.format.name());
+                }
+            })
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Disk(cmd) => disk(cmd),
         Command::Bench(BenchCommand::Boot {
             runs,
             vcpus,

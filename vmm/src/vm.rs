@@ -10,19 +10,28 @@ use devices::exit::{ExitNotifier, GuestExit};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::irq::IrqLine;
 use devices::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use devices::virtio::VirtioInterrupt;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use snapshot::disk::{Disk, DiskError};
 use snapshot::write_protect::{HostRange, WriteProtectError, WriteProtector};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::block::DiskBackend;
 use crate::boot::e820::memory_map;
 use crate::boot::pvh::InitrdPlacement;
 use crate::boot::{self, BootError, KernelFormat};
 use crate::config::{ConfigError, VmConfig};
 use crate::cpuid;
-use crate::layout::{HIMEM_START, KVM_TSS_ADDRESS, MMIO_GAP_START, PAGE_SIZE};
+use crate::layout::{
+    HIMEM_START, KVM_TSS_ADDRESS, MMIO_GAP_START, PAGE_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_STRIDE,
+};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{
     self, Requested, StopSink, VcpuContext, VcpuControl, VcpuError, VcpuFailure, VcpuHandle,
@@ -79,6 +88,9 @@ pub enum VmError {
     /// vCPU setup failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// A device could not be created.
     #[error("cannot create {what}: {source}")]
     Device {
@@ -114,18 +126,28 @@ impl Outcome {
 
 /// A created VM.
 pub struct Vm {
-    vm_fd: VmFd,
-    ram: Arc<GuestRam>,
-    write_protector: WriteProtector,
-    config: VmConfig,
-    pending_vcpus: Vec<VcpuFd>,
-    handles: Vec<VcpuHandle>,
-    control: Arc<VcpuControl>,
-    sink: Arc<StopSink>,
+    // Devices first: their worker threads use guest memory, so they must be
+    // dropped (and joined) before `ram` is unmapped.
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
+    handles: Vec<VcpuHandle>,
+    pending_vcpus: Vec<VcpuFd>,
+    control: Arc<VcpuControl>,
+    sink: Arc<StopSink>,
+    write_protector: WriteProtector,
+    vm_fd: VmFd,
+    ram: Arc<GuestRam>,
+    config: VmConfig,
     _kvm: Kvm,
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn dev_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
+    move |source| VmError::Device { what, source }
 }
 
 fn open_kvm() -> Result<Kvm, VmError> {
@@ -198,7 +220,6 @@ impl Vm {
                 max,
             });
         }
-        let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("read KVM's supported CPUID"))?;
@@ -240,6 +261,47 @@ impl Vm {
         }
         let write_protector = WriteProtector::new(&host_ranges)?;
 
+        let bus_err = |e: devices::bus::BusError| VmError::Device {
+            what: "a device bus",
+            source: std::io::Error::other(e.to_string()),
+        };
+
+        // Disks: virtio-mmio block devices, announced on the command line.
+        let mut mmio_bus = Bus::new();
+        let mut cmdline = config.cmdline.clone();
+        for (i, d) in config.disks.iter().enumerate() {
+            let disk = Disk::open(&d.path, d.readonly)?;
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE;
+            let irq = VIRTIO_IRQ_BASE + i as u32;
+            let line = IrqLine::new().map_err(dev_err("a virtio interrupt"))?;
+            vm_fd
+                .register_irqfd(line.eventfd(), irq)
+                .map_err(kvm_err("connect a virtio interrupt"))?;
+            let block = Block::new(
+                Arc::new(DiskBackend(disk)),
+                d.readonly,
+                &format!("snapvm-disk{i}"),
+            );
+            let transport = MmioTransport::new(
+                Box::new(block),
+                ram.memory().clone(),
+                Arc::new(VirtioInterrupt::new(line)),
+            )
+            .map_err(dev_err("a virtio-mmio transport"))?;
+            for (q, evt) in transport.notify_eventfds().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                    .map_err(kvm_err("register a virtio queue notifier"))?;
+            }
+            mmio_bus
+                .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)
+                .map_err(bus_err)?;
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={MMIO_WINDOW}@{base:#x}:{irq}"
+            ));
+        }
+        let cmdline = cmdline.trim().to_string();
+
         // Kernel, initrd, boot structures.
         let map = memory_map(ram.ranges());
         let initrd = match &config.initrd {
@@ -250,16 +312,15 @@ impl Vm {
         };
         let boot_state = match format {
             KernelFormat::Elf => {
-                boot::pvh::load(ram.memory(), &config.kernel, &config.cmdline, initrd, &map)?
+                boot::pvh::load(ram.memory(), &config.kernel, &cmdline, initrd, &map)?
             }
             KernelFormat::BzImage => {
-                boot::bzimage::load(ram.memory(), &config.kernel, &config.cmdline, initrd, &map)?
+                boot::bzimage::load(ram.memory(), &config.kernel, &cmdline, initrd, &map)?
             }
         };
         boot::mptable::setup_mptable(ram.memory(), config.vcpus)?;
 
-        // Devices.
-        let dev_err = |what| move |source| VmError::Device { what, source };
+        // Legacy devices.
         let exit = Arc::new(ExitNotifier::new().map_err(dev_err("the exit notifier"))?);
         let serial_irq = IrqLine::new().map_err(dev_err("the serial interrupt"))?;
         vm_fd
@@ -267,10 +328,6 @@ impl Vm {
             .map_err(kvm_err("connect the serial interrupt"))?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
         let mut io_bus = Bus::new();
-        let bus_err = |e: devices::bus::BusError| VmError::Device {
-            what: "the port I/O bus",
-            source: std::io::Error::other(e.to_string()),
-        };
         io_bus
             .insert(
                 serial.clone() as SharedDevice,
@@ -321,7 +378,7 @@ impl Vm {
                 failure: Mutex::new(None),
             }),
             io_bus: Arc::new(io_bus),
-            mmio_bus: Arc::new(Bus::new()),
+            mmio_bus: Arc::new(mmio_bus),
             serial,
             _kvm: kvm,
         })
@@ -421,5 +478,7 @@ impl Drop for Vm {
         if !self.handles.is_empty() {
             self.stop();
         }
+        // Join device workers now, while guest memory is still mapped.
+        self.mmio_bus = Arc::new(Bus::new());
     }
 }

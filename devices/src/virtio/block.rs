@@ -176,7 +176,9 @@ impl RequestHandler {
                 for d in data {
                     let mut buf = vec![0u8; d.len() as usize];
                     if reading {
-                        self.backend.read_at(&mut buf, offset).map_err(|_| Bad::Io)?;
+                        self.backend
+                            .read_at(&mut buf, offset)
+                            .map_err(|_| Bad::Io)?;
                         mem.write_slice(&buf, d.addr())
                             .map_err(|_| Bad::Malformed("buffer outside guest memory"))?;
                     } else {
@@ -396,7 +398,9 @@ mod tests {
             queue.set_used_ring_address(Some(USED as u32), Some(0));
             queue.set_ready(true);
             assert!(queue.is_valid(&mem));
-            let disk = Arc::new(MemDisk(Mutex::new((0..64 * 512).map(|i| (i / 512) as u8).collect())));
+            let disk = Arc::new(MemDisk(Mutex::new(
+                (0..64 * 512).map(|i| (i / 512) as u8).collect(),
+            )));
             Self {
                 mem,
                 queue,
@@ -424,9 +428,13 @@ mod tests {
         fn submit(&mut self, head: u16, status_at: u64) -> (u8, u32) {
             self.mem.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
             let slot = self.avail_idx % QSIZE;
-            self.mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot as u64)).unwrap();
+            self.mem
+                .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot as u64))
+                .unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
             assert!(self.handler.process_queue(&mut self.queue, &self.mem));
             let used_idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
             assert_eq!(used_idx, self.avail_idx, "every request is completed");
@@ -455,13 +463,18 @@ mod tests {
         r.mem.read_slice(&mut b, GuestAddress(0x8000)).unwrap();
         assert_eq!(b, [3u8; 512]);
 
-        r.mem.write_slice(&[0xab; 1024], GuestAddress(0x9000)).unwrap();
+        r.mem
+            .write_slice(&[0xab; 1024], GuestAddress(0x9000))
+            .unwrap();
         r.header(0x4000, VIRTIO_BLK_T_OUT, 10);
         r.set_desc(0, 0x4000, 16, NEXT, 1);
         r.set_desc(1, 0x9000, 1024, NEXT, 2);
         r.set_desc(2, 0x5000, 1, WRITE, 0);
         assert_eq!(r.submit(0, 0x5000), (VIRTIO_BLK_S_OK, 1));
-        assert_eq!(&r.disk.0.lock().unwrap()[10 * 512..12 * 512], &[0xab; 1024][..]);
+        assert_eq!(
+            &r.disk.0.lock().unwrap()[10 * 512..12 * 512],
+            &[0xab; 1024][..]
+        );
 
         r.header(0x4000, VIRTIO_BLK_T_FLUSH, 0);
         r.set_desc(0, 0x4000, 16, NEXT, 2);
@@ -497,7 +510,11 @@ mod tests {
         r.set_desc(0, 0x4000, 16, NEXT, 1);
         r.set_desc(1, 0x8000, 512, NEXT | WRITE, 0);
         let (status, len) = r.submit(0, 0x5000);
-        assert_eq!((status, len), (0xff, 0), "no status can be written, but the chain completes");
+        assert_eq!(
+            (status, len),
+            (0xff, 0),
+            "no status can be written, but the chain completes"
+        );
         assert_eq!(r.good_read(4).0, VIRTIO_BLK_S_OK);
 
         // Next index beyond the table.
@@ -528,7 +545,10 @@ mod tests {
         // Still serving, and the disk only changed where it was written.
         assert_eq!(r.good_read(7), (VIRTIO_BLK_S_OK, 513));
         let d = r.disk.0.lock().unwrap();
-        assert!(d.chunks(512).enumerate().all(|(i, s)| s.iter().all(|b| *b == i as u8)));
+        assert!(d
+            .chunks(512)
+            .enumerate()
+            .all(|(i, s)| s.iter().all(|b| *b == i as u8)));
     }
 
     #[test]

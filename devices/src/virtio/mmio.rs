@@ -152,7 +152,10 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let valid = self.queues.iter().all(|q| q.ready() && q.is_valid(&self.mem));
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| q.ready() && q.is_valid(&self.mem));
         if !valid {
             tracing::warn!("virtio driver set DRIVER_OK with invalid queues");
             self.status |= 0x40; // DEVICE_NEEDS_RESET
@@ -248,7 +251,9 @@ impl BusDevice for MmioTransport {
             0x14 => self.device_features_sel = v,
             0x20 => match self.driver_features_sel {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
-                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32),
+                1 => {
+                    self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
+                }
                 _ => {}
             },
             0x24 => self.driver_features_sel = v,
@@ -272,12 +277,24 @@ impl BusDevice for MmioTransport {
             }
             0x64 => self.irq.ack(v),
             0x70 => self.set_status(v),
-            0x80 => self.selected_queue().map_or((), |q| q.set_desc_table_address(Some(v), None)),
-            0x84 => self.selected_queue().map_or((), |q| q.set_desc_table_address(None, Some(v))),
-            0x90 => self.selected_queue().map_or((), |q| q.set_avail_ring_address(Some(v), None)),
-            0x94 => self.selected_queue().map_or((), |q| q.set_avail_ring_address(None, Some(v))),
-            0xa0 => self.selected_queue().map_or((), |q| q.set_used_ring_address(Some(v), None)),
-            0xa4 => self.selected_queue().map_or((), |q| q.set_used_ring_address(None, Some(v))),
+            0x80 => self
+                .selected_queue()
+                .map_or((), |q| q.set_desc_table_address(Some(v), None)),
+            0x84 => self
+                .selected_queue()
+                .map_or((), |q| q.set_desc_table_address(None, Some(v))),
+            0x90 => self
+                .selected_queue()
+                .map_or((), |q| q.set_avail_ring_address(Some(v), None)),
+            0x94 => self
+                .selected_queue()
+                .map_or((), |q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 => self
+                .selected_queue()
+                .map_or((), |q| q.set_used_ring_address(Some(v), None)),
+            0xa4 => self
+                .selected_queue()
+                .map_or((), |q| q.set_used_ring_address(None, Some(v))),
             _ => tracing::debug!("virtio-mmio: write to unknown register {offset:#x}"),
         }
     }

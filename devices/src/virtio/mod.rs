@@ -33,7 +33,8 @@ impl VirtioInterrupt {
 
     /// Tells the driver a queue has new used buffers.
     pub fn signal_used_queue(&self) {
-        self.status.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
         if let Err(e) = self.line.trigger() {
             tracing::warn!("virtio interrupt lost: {e}");
         }
