@@ -160,7 +160,7 @@ pub fn probe_format(path: &Path) -> Result<DiskFormat, DiskError> {
             reason: "the file is empty".into(),
         });
     }
-    if len % 512 != 0 {
+    if !len.is_multiple_of(512) {
         return Err(DiskError::BadRaw {
             path: path.to_path_buf(),
             reason: format!("its size {len} is not a multiple of 512 bytes"),

@@ -157,7 +157,7 @@ impl RequestHandler {
                     return Err(Bad::Malformed("data descriptor has the wrong direction"));
                 }
                 let total: u64 = data.iter().map(|d| d.len() as u64).sum();
-                if total == 0 || total % SECTOR_SIZE != 0 || total > MAX_REQUEST_BYTES {
+                if total == 0 || !total.is_multiple_of(SECTOR_SIZE) || total > MAX_REQUEST_BYTES {
                     return Err(Bad::Malformed("bad data length"));
                 }
                 let start = sector
