@@ -721,6 +721,40 @@ static void diskstamp(u64 blocks, u64 dpasses)
     }
 }
 
+/* diskbench: 4 KiB requests, one at a time, over `blocks` blocks in
+ * mode seqread, seqwrite, randread or randwrite; reports throughput. */
+static void diskbench(u64 blocks, u64 count)
+{
+    int write = arg_is("mode", "seqwrite") || arg_is("mode", "randwrite");
+    int rnd = arg_is("mode", "randread") || arg_is("mode", "randwrite");
+    u64 x = seed | 1;
+    for (u64 i = 0; i < DISK_BLOCK / 8; i++)
+        ((u64 *)blk_buf)[i] = mix64(seed + i);
+    u64 t0 = now_ns();
+    for (u64 n = 0; n < count; n++) {
+        u64 b;
+        if (rnd) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            b = (x >> 17) % blocks;
+        } else {
+            b = n % blocks;
+        }
+        disk_request(write ? 1 : 0, b);
+    }
+    u64 dt = now_ns() - t0;
+    lock_print();
+    puts_("TESTGUEST BENCH workload=diskbench mode=");
+    put_arg("mode");
+    puts_(" requests=");
+    put_dec(count);
+    puts_(" bytes=");
+    put_dec(count * DISK_BLOCK);
+    puts_(" ns=");
+    put_dec(dt);
+    puts_("\n");
+    unlock_print();
+}
+
 /* ---------------------------------------------------------------- */
 /* Entry points                                                      */
 /* ---------------------------------------------------------------- */
@@ -755,6 +789,12 @@ static void run_workload(u32 cpu)
     if (arg_is("workload", "diskstamp")) {
         if (cpu == 0)
             diskstamp(disk_blocks, passes);
+        finish_cpu();
+    } else if (arg_is("workload", "diskbench")) {
+        if (cpu == 0) {
+            int ok = 1;
+            diskbench(disk_blocks, arg_u64("requests", 1024, &ok));
+        }
         finish_cpu();
     } else if (arg_is("workload", "memstamp")) {
         memstamp(cpu);
@@ -820,8 +860,12 @@ static void bsp_main(void)
         fail_args("(a number is malformed)");
     if (arg("workload") && !(arg_is("workload", "idle") || arg_is("workload", "memstamp") ||
                               arg_is("workload", "crash") || arg_is("workload", "emulation") ||
-                              arg_is("workload", "diskstamp")))
-        fail_args("(workload must be idle, memstamp, diskstamp, crash or emulation)");
+                              arg_is("workload", "diskstamp") || arg_is("workload", "diskbench")))
+        fail_args("(workload must be idle, memstamp, diskstamp, diskbench, crash or emulation)");
+    if (arg_is("workload", "diskbench") &&
+        !(arg_is("mode", "seqread") || arg_is("mode", "seqwrite") || arg_is("mode", "randread") ||
+          arg_is("mode", "randwrite")))
+        fail_args("(diskbench mode must be seqread, seqwrite, randread or randwrite)");
     if (want_cpus == 0 || want_cpus > MAX_CPUS)
         fail_args("(vcpus out of range)");
     ncpus = (u32)want_cpus;
@@ -844,7 +888,7 @@ static void bsp_main(void)
             fail_args("(fewer pages than vCPUs)");
     }
 
-    if (arg_is("workload", "diskstamp")) {
+    if (arg_is("workload", "diskstamp") || arg_is("workload", "diskbench")) {
         disk_blocks = arg_u64("blocks", 64, &ok);
         if (!ok || disk_blocks == 0 || disk_blocks > MAX_DISK_BLOCKS)
             fail_args("(blocks must be 1..1048576)");

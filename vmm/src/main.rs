@@ -75,6 +75,22 @@ enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
     },
+    /// Guest 4 KiB sequential and random read/write throughput on raw, qcow2
+    /// and a 3-layer qcow2 chain, next to the host's own I/O on the same files.
+    Disk {
+        /// Requests per measurement.
+        #[arg(long, default_value_t = 4096)]
+        requests: u64,
+        /// Image size in 4 KiB blocks.
+        #[arg(long, default_value_t = 16384)]
+        blocks: u64,
+        /// Directory for scratch images (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -210,6 +226,23 @@ fn main() -> ExitCode {
                 memory_mib,
             };
             match vmm::bench::boot(&b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Bench(BenchCommand::Disk {
+            requests,
+            blocks,
+            dir,
+            kernel,
+        }) => {
+            let b = vmm::bench::DiskBench {
+                kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                blocks: blocks.max(1),
+                requests: requests.max(1),
+            };
+            match vmm::bench::disk(&b) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
