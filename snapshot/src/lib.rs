@@ -4,5 +4,6 @@
 //! ([`write_protect`]), registered when a VM is created so that live
 //! snapshots can protect memory without re-registering it.
 
+pub mod atomic_file;
 pub mod disk;
 pub mod write_protect;

@@ -1,0 +1,525 @@
+//! The VM directory: `vm.toml`, base disks, logs and runtime files, as
+//! DESIGN.md §4 lays them out. A VM directory is self-contained and movable:
+//! every path inside it is stored relative to it.
+//!
+//! ```text
+//! VMDIR/vm.toml                 configuration (human-editable, validated)
+//! VMDIR/kernel/                 kernel and initrd copies (unless --link)
+//! VMDIR/disks/<disk>.raw|qcow2  base images; later differencing layers
+//! VMDIR/logs/serial.log         guest console output
+//! VMDIR/logs/vmm.log            the VMM's own log
+//! VMDIR/run/                    api.sock, console.sock, pid, lock
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_size, DiskConfig, VmConfig, MAX_DISKS};
+
+/// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Errors of VM directories.
+#[derive(Debug, thiserror::Error)]
+pub enum VmDirError {
+    /// Not a directory with a vm.toml.
+    #[error("{0} is not a VM directory (no vm.toml); create one with `snapvm create`")]
+    NotAVmDir(PathBuf),
+    /// The directory already holds a VM.
+    #[error("{0} already holds a VM (vm.toml exists)")]
+    Exists(PathBuf),
+    /// vm.toml does not parse.
+    #[error("invalid {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said (names the key and line).
+        message: String,
+    },
+    /// A key has an invalid value.
+    #[error("invalid {path}: key '{key}': {message}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An I/O error on a file of the VM directory.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The socket path does not fit a Unix socket address.
+    #[error("socket path {path} is {len} bytes, longer than the {MAX_SOCKET_PATH} a Unix socket allows; use a VM directory with a shorter path")]
+    SocketPathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// One disk in vm.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskEntry {
+    /// Short name (also the file stem under disks/).
+    pub name: String,
+    /// The base image, relative to the VM directory (or absolute with --link).
+    pub base: PathBuf,
+    /// The current working layer the VM writes (the base, or the newest
+    /// differencing layer).
+    pub current: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// The contents of vm.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmToml {
+    /// The VM's name.
+    pub name: String,
+    /// Kernel image, relative to the VM directory or absolute.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest memory, e.g. "256M".
+    pub memory: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Disks in guest order.
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskEntry>,
+}
+
+/// Paths of a VM directory.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    root: PathBuf,
+}
+
+impl VmDir {
+    /// A VM directory at `root` (not checked).
+    pub fn new(root: &Path) -> Self {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        Self { root }
+    }
+
+    /// Opens an existing VM directory.
+    pub fn open(root: &Path) -> Result<Self, VmDirError> {
+        let d = Self::new(root);
+        if !d.config_path().is_file() {
+            return Err(VmDirError::NotAVmDir(root.to_path_buf()));
+        }
+        Ok(d)
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// vm.toml.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("vm.toml")
+    }
+    /// disks/.
+    pub fn disks_dir(&self) -> PathBuf {
+        self.root.join("disks")
+    }
+    /// kernel/.
+    pub fn kernel_dir(&self) -> PathBuf {
+        self.root.join("kernel")
+    }
+    /// logs/.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    /// logs/serial.log.
+    pub fn serial_log(&self) -> PathBuf {
+        self.logs_dir().join("serial.log")
+    }
+    /// logs/vmm.log.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.logs_dir().join("vmm.log")
+    }
+    /// run/.
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    /// run/api.sock.
+    pub fn api_socket(&self) -> PathBuf {
+        self.run_dir().join("api.sock")
+    }
+    /// run/console.sock.
+    pub fn console_socket(&self) -> PathBuf {
+        self.run_dir().join("console.sock")
+    }
+    /// run/pid.
+    pub fn pid_file(&self) -> PathBuf {
+        self.run_dir().join("pid")
+    }
+    /// run/lock.
+    pub fn lock_file(&self) -> PathBuf {
+        self.run_dir().join("lock")
+    }
+
+    /// Checks that both sockets' paths fit a Unix socket address.
+    pub fn check_socket_paths(&self) -> Result<(), VmDirError> {
+        for p in [self.api_socket(), self.console_socket()] {
+            let len = p.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(VmDirError::SocketPathTooLong { path: p, len });
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a path from vm.toml against the directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.root.join(p)
+        }
+    }
+
+    /// Reads and validates vm.toml.
+    pub fn load(&self) -> Result<VmToml, VmDirError> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                VmDirError::NotAVmDir(self.root.clone())
+            } else {
+                VmDirError::Io {
+                    what: "cannot read",
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let t: VmToml = toml::from_str(&text).map_err(|e| VmDirError::Parse {
+            path: path.clone(),
+            message: e.to_string().replace('\n', " ").trim().to_string(),
+        })?;
+        self.validate(&t)?;
+        Ok(t)
+    }
+
+    fn key_err(&self, key: &str, message: impl Into<String>) -> VmDirError {
+        VmDirError::Key {
+            path: self.config_path(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Checks every key's value.
+    pub fn validate(&self, t: &VmToml) -> Result<(), VmDirError> {
+        if t.name.trim().is_empty() {
+            return Err(self.key_err("name", "must not be empty"));
+        }
+        parse_size(&t.memory).map_err(|e| self.key_err("memory", e.to_string()))?;
+        if t.vcpus == 0 {
+            return Err(self.key_err("vcpus", "must be at least 1"));
+        }
+        if !self.resolve(&t.kernel).is_file() {
+            return Err(self.key_err(
+                "kernel",
+                format!("{} does not exist", self.resolve(&t.kernel).display()),
+            ));
+        }
+        if let Some(i) = &t.initrd {
+            if !self.resolve(i).is_file() {
+                return Err(self.key_err(
+                    "initrd",
+                    format!("{} does not exist", self.resolve(i).display()),
+                ));
+            }
+        }
+        if t.disks.len() > MAX_DISKS {
+            return Err(self.key_err("disk", format!("at most {MAX_DISKS} disks")));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, d) in t.disks.iter().enumerate() {
+            let key = format!("disk[{i}]");
+            if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(self.key_err(&format!("{key}.name"), "use letters, digits, - and _"));
+            }
+            if !names.insert(d.name.clone()) {
+                return Err(self.key_err(&format!("{key}.name"), format!("'{}' is used twice", d.name)));
+            }
+            for (k, p) in [("base", &d.base), ("current", &d.current)] {
+                if !self.resolve(p).is_file() {
+                    return Err(self.key_err(
+                        &format!("{key}.{k}"),
+                        format!("{} does not exist", self.resolve(p).display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes vm.toml atomically.
+    pub fn save(&self, t: &VmToml) -> Result<(), VmDirError> {
+        let text = toml::to_string_pretty(t).map_err(|e| VmDirError::Parse {
+            path: self.config_path(),
+            message: e.to_string(),
+        })?;
+        let body = format!(
+            "# snapvm VM configuration. Paths are relative to this directory.\n\
+             # Edit while the VM is stopped; `snapvm status` validates it.\n\n{text}"
+        );
+        snapshot::atomic_file::write_atomic(&self.config_path(), body.as_bytes()).map_err(
+            |source| VmDirError::Io {
+                what: "cannot write",
+                path: self.config_path(),
+                source,
+            },
+        )
+    }
+
+    /// The runnable configuration of `t`.
+    pub fn vm_config(&self, t: &VmToml) -> Result<VmConfig, VmDirError> {
+        Ok(VmConfig {
+            kernel: self.resolve(&t.kernel),
+            cmdline: t.cmdline.clone(),
+            initrd: t.initrd.as_ref().map(|p| self.resolve(p)),
+            memory: parse_size(&t.memory).map_err(|e| self.key_err("memory", e.to_string()))?,
+            vcpus: t.vcpus,
+            disks: t
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: self.resolve(&d.current),
+                    readonly: d.readonly,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What `snapvm create` is given.
+pub struct CreateRequest {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: Option<PathBuf>,
+    /// Command line.
+    pub cmdline: String,
+    /// Memory, e.g. "256M".
+    pub memory: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Disks (path, readonly).
+    pub disks: Vec<DiskConfig>,
+    /// Reference the kernel, initrd and disks in place instead of copying.
+    pub link: bool,
+}
+
+fn copy_into(src: &Path, dir: &Path, name: &str) -> Result<PathBuf, VmDirError> {
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).map_err(|source| VmDirError::Io {
+        what: "cannot copy",
+        path: src.to_path_buf(),
+        source,
+    })?;
+    Ok(dst)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, VmDirError> {
+    std::fs::canonicalize(p).map_err(|source| VmDirError::Io {
+        what: "cannot find",
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+/// Creates a VM directory at `root`.
+pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmDirError::Io { what, path, source }
+    };
+    if root.join("vm.toml").exists() {
+        return Err(VmDirError::Exists(root.to_path_buf()));
+    }
+    parse_size(&req.memory).map_err(|e| VmDirError::Key {
+        path: root.join("vm.toml"),
+        key: "memory".into(),
+        message: e.to_string(),
+    })?;
+    crate::boot::detect_format(&req.kernel).map_err(|e| VmDirError::Key {
+        path: root.join("vm.toml"),
+        key: "kernel".into(),
+        message: e.to_string(),
+    })?;
+    let mut disk_formats = Vec::new();
+    for d in &req.disks {
+        let chain = snapshot::disk::resolve_chain(&d.path).map_err(|e| VmDirError::Key {
+            path: root.join("vm.toml"),
+            key: "disk".into(),
+            message: e.to_string(),
+        })?;
+        if chain.len() > 1 && !req.link {
+            return Err(VmDirError::Key {
+                path: root.join("vm.toml"),
+                key: "disk".into(),
+                message: format!(
+                    "{} has a backing chain; flatten it (qemu-img convert) or use --link",
+                    d.path.display()
+                ),
+            });
+        }
+        disk_formats.push(chain[0].format);
+    }
+    std::fs::create_dir_all(root).map_err(io("cannot create", root))?;
+    let dir = VmDir::new(root);
+    dir.check_socket_paths()?;
+    for d in [dir.disks_dir(), dir.kernel_dir(), dir.logs_dir(), dir.run_dir()] {
+        std::fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
+    }
+    let rel = |p: &Path| p.strip_prefix(dir.root()).map(Path::to_path_buf).unwrap_or(p.to_path_buf());
+    let place = |src: &Path, into: &Path, name: &str| -> Result<PathBuf, VmDirError> {
+        if req.link {
+            absolute(src)
+        } else {
+            copy_into(src, into, name).map(|p| rel(&p))
+        }
+    };
+    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let kernel = place(&req.kernel, &dir.kernel_dir(), &file_name(&req.kernel))?;
+    let initrd = match &req.initrd {
+        Some(i) => Some(place(i, &dir.kernel_dir(), &file_name(i))?),
+        None => None,
+    };
+    let mut disks = Vec::new();
+    for (i, (d, format)) in req.disks.iter().zip(disk_formats).enumerate() {
+        let name = format!("disk{i}");
+        let base = place(&d.path, &dir.disks_dir(), &format!("{name}.{}", format.name()))?;
+        disks.push(DiskEntry {
+            name,
+            current: base.clone(),
+            base,
+            readonly: d.readonly,
+        });
+    }
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vm".into());
+    let t = VmToml {
+        name,
+        kernel,
+        initrd,
+        cmdline: req.cmdline.clone(),
+        memory: req.memory.clone(),
+        vcpus: req.vcpus,
+        disks,
+    };
+    dir.validate(&t)?;
+    dir.save(&t)?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("snapvm-vmdir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn sample(root: &Path) -> VmDir {
+        let k = root.join("k.elf");
+        std::fs::write(&k, b"\x7fELF not really").unwrap();
+        let disk = root.join("d.raw");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        create(
+            &root.join("vm"),
+            &CreateRequest {
+                kernel: k,
+                initrd: None,
+                cmdline: "workload=idle".into(),
+                memory: "64M".into(),
+                vcpus: 2,
+                disks: vec![DiskConfig {
+                    path: disk,
+                    readonly: false,
+                }],
+                link: false,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn create_then_load_round_trips() {
+        let root = tmp("roundtrip");
+        let d = sample(&root);
+        let t = d.load().unwrap();
+        assert_eq!(t.vcpus, 2);
+        assert_eq!(t.kernel, PathBuf::from("kernel/k.elf"));
+        assert_eq!(t.disks[0].base, PathBuf::from("disks/disk0.raw"));
+        assert!(d.root().join("disks/disk0.raw").is_file());
+        let c = d.vm_config(&t).unwrap();
+        assert_eq!(c.memory, 64 << 20);
+        assert!(c.disks[0].path.is_absolute());
+        // Moving the directory keeps it valid (relative paths).
+        let moved = root.join("moved");
+        std::fs::rename(d.root(), &moved).unwrap();
+        VmDir::open(&moved).unwrap().load().unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn invalid_keys_are_named() {
+        let root = tmp("invalid");
+        let d = sample(&root);
+        let text = std::fs::read_to_string(d.config_path()).unwrap();
+        let cases = [
+            (text.replace("vcpus = 2", "vcpus = 0"), "key 'vcpus'"),
+            (text.replace("memory = \"64M\"", "memory = \"lots\""), "key 'memory'"),
+            (text.replace("vcpus = 2", "vcpus = \"two\""), "vcpus"),
+            (text.replace("kernel = \"kernel/k.elf\"", "kernel = \"kernel/nope\""), "key 'kernel'"),
+            (format!("{text}\nbogus = 1\n"), "bogus"),
+            (text.replace("base = \"disks/disk0.raw\"", "base = \"disks/x.raw\""), "key 'disk[0].base'"),
+        ];
+        for (bad, want) in cases {
+            std::fs::write(d.config_path(), &bad).unwrap();
+            let e = d.load().unwrap_err().to_string();
+            assert!(e.contains(want), "expected {want} in: {e}");
+            assert!(e.contains("vm.toml"), "{e}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn long_socket_paths_are_refused() {
+        let long = PathBuf::from("/tmp").join("x".repeat(120));
+        let d = VmDir::new(&long);
+        assert!(matches!(d.check_socket_paths(), Err(VmDirError::SocketPathTooLong { .. })));
+    }
+
+    #[test]
+    fn not_a_vm_dir() {
+        assert!(matches!(VmDir::open(Path::new("/")), Err(VmDirError::NotAVmDir(_))));
+    }
+}
