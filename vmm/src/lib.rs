@@ -1,13 +1,20 @@
 //! snapvm's virtual machine monitor: KVM VMs and vCPUs, guest memory, boot,
 //! and the `snapvm` command line.
 
+pub mod api_client;
+pub mod api_server;
 pub mod bench;
 pub mod block;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod cpuid;
+pub mod daemon;
+pub mod jobs;
+pub mod lifecycle;
 pub mod layout;
 pub mod memory;
 pub mod run;
 pub mod vcpu;
 pub mod vm;
+pub mod vmdir;

@@ -30,6 +30,96 @@ enum Command {
     /// Disk images: create qcow2 images and differencing layers, show chains.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Create a VM directory (VMDIR/vm.toml, disks/, kernel/, logs/, run/).
+    ///
+    /// The kernel, initrd and disks are copied into the directory so it is
+    /// self-contained and movable; --link references them in place instead.
+    Create(CreateArgs),
+    /// Start the VM of VMDIR in a background VMM process; returns when the
+    /// guest runs (or is paused, with --paused).
+    Start {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Create the VM but leave its vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Stop the VM (its running state is discarded; disks are flushed).
+    Stop {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Kill the VMM process instead of asking it (disk writes in flight may be lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pause the VM's vCPUs.
+    Pause {
+        /// The VM directory.
+        vmdir: PathBuf,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM directory.
+        vmdir: PathBuf,
+    },
+    /// Show power state, uptime, pid, memory, disks and their layers.
+    Status {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Print JSON (the API's GET /vm document).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach to the VM's serial console (output since start is replayed;
+    /// detach with Ctrl-]).
+    Console {
+        /// The VM directory.
+        vmdir: PathBuf,
+    },
+    /// List the VMs in DIR (default: the current directory).
+    List {
+        /// A VM directory or a directory holding VM directories.
+        dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The background VMM process (started by `snapvm start`).
+    #[command(name = "__vmm", hide = true)]
+    Vmm {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Leave the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// The new VM directory (created if missing; must not hold a VM).
+    vmdir: PathBuf,
+    /// Kernel image: an ELF with a PVH entry note or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest memory, e.g. 256M or 1G.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u8,
+    /// A disk (raw or qcow2), repeatable; ",readonly" refuses guest writes.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<String>,
+    /// Reference kernel, initrd and disks in place instead of copying them.
+    #[arg(long)]
+    link: bool,
 }
 
 #[derive(Subcommand)]
@@ -207,6 +297,98 @@ fn disk(cmd: DiskCommand) -> ExitCode {
     }
 }
 
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn lifecycle(cmd: Command) -> ExitCode {
+    use vmm::lifecycle;
+    let r: Result<(), String> = match cmd {
+        Command::Create(a) => {
+            let mut disks = Vec::new();
+            for d in &a.disks {
+                match d.parse::<DiskConfig>() {
+                    Ok(d) => disks.push(d),
+                    Err(e) => return fail(e),
+                }
+            }
+            let req = vmm::vmdir::CreateRequest {
+                kernel: a.kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+                memory: a.memory,
+                vcpus: a.vcpus,
+                disks,
+                link: a.link,
+            };
+            vmm::vmdir::create(&a.vmdir, &req)
+                .map(|d| println!("created VM directory {}", d.root().display()))
+                .map_err(|e| e.to_string())
+        }
+        Command::Start { vmdir, paused } => lifecycle::start(&vmdir, paused)
+            .map(|v| {
+                println!(
+                    "started {} ({}, pid {})",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["state"].as_str().unwrap_or("?"),
+                    v["pid"]
+                )
+            })
+            .map_err(|e| e.to_string()),
+        Command::Stop { vmdir, force } => lifecycle::stop(&vmdir, force)
+            .map(|()| println!("stopped {}", vmdir.display()))
+            .map_err(|e| e.to_string()),
+        Command::Pause { vmdir } => lifecycle::set_state(&vmdir, "paused")
+            .map(|_| println!("paused {}", vmdir.display()))
+            .map_err(|e| e.to_string()),
+        Command::Resume { vmdir } => lifecycle::set_state(&vmdir, "running")
+            .map(|_| println!("resumed {}", vmdir.display()))
+            .map_err(|e| e.to_string()),
+        Command::Status { vmdir, json } => lifecycle::status(&vmdir)
+            .map(|v| {
+                if json {
+                    print_json(&v)
+                } else {
+                    print!("{}", lifecycle::format_status(&v))
+                }
+            })
+            .map_err(|e| e.to_string()),
+        Command::Console { vmdir } => lifecycle::console(&vmdir).map_err(|e| e.to_string()),
+        Command::List { dir, json } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            lifecycle::list(&dir)
+                .map(|vms| {
+                    if json {
+                        print_json(&serde_json::Value::Array(vms));
+                    } else {
+                        println!("{:<20} {:<9} {:>8}  DIRECTORY", "NAME", "STATE", "PID");
+                        for v in vms {
+                            println!(
+                                "{:<20} {:<9} {:>8}  {}",
+                                v["name"].as_str().unwrap_or("?"),
+                                v["state"].as_str().unwrap_or("?"),
+                                v["pid"].as_str().unwrap_or("-"),
+                                v["vmdir"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())
+        }
+        Command::Vmm { vmdir, paused } => match vmm::daemon::run(&vmdir, paused) {
+            Ok(outcome) => {
+                return ExitCode::from(outcome.exit_code().clamp(0, 255) as u8);
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        _ => Ok(()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
@@ -247,5 +429,6 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        other => lifecycle(other),
     }
 }

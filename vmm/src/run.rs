@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use devices::serial::SerialInput;
@@ -13,9 +14,9 @@ use vmm_sys_util::epoll::EventSet;
 use crate::config::VmConfig;
 use crate::vm::{Outcome, Vm, VmError};
 
-/// Watches the VM's stop eventfd and the signal pipe.
+/// Watches eventfds that ask the VMM to stop, and the signal pipe.
 struct StopWatcher {
-    stop_fd: i32,
+    fds: Vec<RawFd>,
     signals: UnixStream,
     stop: Arc<AtomicBool>,
     signal: Arc<AtomicI32>,
@@ -23,10 +24,10 @@ struct StopWatcher {
 
 impl MutEventSubscriber for StopWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.stop_fd {
+        if self.fds.contains(&events.fd()) {
             let mut b = [0u8; 8];
             // SAFETY: reading 8 bytes from an eventfd into a valid buffer.
-            unsafe { libc::read(self.stop_fd, b.as_mut_ptr().cast(), 8) };
+            unsafe { libc::read(events.fd(), b.as_mut_ptr().cast(), 8) };
         } else {
             let mut b = [0u8; 16];
             let n = self.signals.read(&mut b).unwrap_or(0);
@@ -38,13 +39,49 @@ impl MutEventSubscriber for StopWatcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new_raw(self.stop_fd, EventSet::IN)) {
-            tracing::error!("cannot watch the stop event: {e:?}");
+        for fd in &self.fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
+                tracing::error!("cannot watch a stop event: {e:?}");
+            }
         }
         if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
             tracing::error!("cannot watch signals: {e:?}");
         }
     }
+}
+
+/// The VMM's main loop: serves `subscribers` until one of `stop_fds` is
+/// signalled or SIGINT/SIGTERM arrives. Returns the signal, if any.
+pub fn event_loop(
+    stop_fds: Vec<RawFd>,
+    subscribers: Vec<Box<dyn MutEventSubscriber>>,
+) -> Result<Option<i32>, RunError> {
+    let (sig_read, sig_write) = UnixStream::pair().map_err(RunError::Signals)?;
+    sig_read.set_nonblocking(true).map_err(RunError::Signals)?;
+    for (sig, byte) in [(signal_hook::consts::SIGINT, 2u8), (signal_hook::consts::SIGTERM, 15u8)] {
+        let w = sig_write.try_clone().map_err(RunError::Signals)?;
+        register_signal_byte(sig, w, byte).map_err(RunError::Signals)?;
+    }
+    let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new()
+        .map_err(|e| RunError::EventLoop(format!("{e:?}")))?;
+    for s in subscribers {
+        em.add_subscriber(s);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicI32::new(0));
+    em.add_subscriber(Box::new(StopWatcher {
+        fds: stop_fds,
+        signals: sig_read,
+        stop: stop.clone(),
+        signal: signal.clone(),
+    }));
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = em.run() {
+            return Err(RunError::EventLoop(format!("{e:?}")));
+        }
+    }
+    let sig = signal.load(Ordering::SeqCst);
+    Ok((sig != 0).then_some(sig))
 }
 
 /// Errors of the foreground runner.
@@ -64,42 +101,14 @@ pub enum RunError {
 /// Boots `config` with the console on stdio and runs it to the end.
 pub fn run_foreground(config: &VmConfig) -> Result<Outcome, RunError> {
     let mut vm = Vm::create(config, Box::new(std::io::stdout()))?;
-
-    let (sig_read, sig_write) = UnixStream::pair().map_err(RunError::Signals)?;
-    sig_read.set_nonblocking(true).map_err(RunError::Signals)?;
-    for (sig, byte) in [
-        (signal_hook::consts::SIGINT, 2u8),
-        (signal_hook::consts::SIGTERM, 15u8),
-    ] {
-        let w = sig_write.try_clone().map_err(RunError::Signals)?;
-        register_signal_byte(sig, w, byte).map_err(RunError::Signals)?;
-    }
-
-    let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new()
-        .map_err(|e| RunError::EventLoop(format!("{e:?}")))?;
     let stdin = std::io::stdin();
-    em.add_subscriber(Box::new(SerialInput::new(vm.serial(), &stdin)));
-    let stop = Arc::new(AtomicBool::new(false));
-    let signal = Arc::new(AtomicI32::new(0));
-    use std::os::fd::AsRawFd;
-    em.add_subscriber(Box::new(StopWatcher {
-        stop_fd: vm.stop_eventfd().as_raw_fd(),
-        signals: sig_read,
-        stop: stop.clone(),
-        signal: signal.clone(),
-    }));
-
-    vm.start()?;
-    while !stop.load(Ordering::SeqCst) {
-        if let Err(e) = em.run() {
-            return Err(RunError::EventLoop(format!("{e:?}")));
-        }
-    }
+    let input: Box<dyn MutEventSubscriber> = Box::new(SerialInput::new(vm.serial(), &stdin));
+    vm.start(false)?;
+    let sig = event_loop(vec![vm.stop_eventfd().as_raw_fd()], vec![input])?;
     vm.stop();
-    let sig = signal.load(Ordering::SeqCst);
     Ok(match vm.outcome() {
         Some(o) => o,
-        None => Outcome::Stopped(sig),
+        None => Outcome::Stopped(sig.unwrap_or(0)),
     })
 }
 

@@ -112,6 +112,19 @@ pub enum Outcome {
     Stopped(i32),
 }
 
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Guest(GuestExit::Status(s)) => write!(f, "the guest exited with status {s}"),
+            Outcome::Guest(GuestExit::Reset) => write!(f, "the guest reset the machine"),
+            Outcome::Guest(GuestExit::PowerOff) => write!(f, "the guest powered off"),
+            Outcome::Failure(e) => write!(f, "{e}"),
+            Outcome::Stopped(0) => write!(f, "stopped by request"),
+            Outcome::Stopped(sig) => write!(f, "stopped by signal {sig}"),
+        }
+    }
+}
+
 impl Outcome {
     /// The process exit code for this outcome.
     pub fn exit_code(&self) -> i32 {
@@ -384,8 +397,21 @@ impl Vm {
         })
     }
 
-    /// Starts the vCPU threads.
-    pub fn start(&mut self) -> Result<(), VmError> {
+    /// Starts the vCPU threads; with `paused` they park before running
+    /// any guest code (and this returns once all are parked).
+    pub fn start(&mut self, paused: bool) -> Result<(), VmError> {
+        if paused {
+            self.control.request(Requested::Pause);
+        }
+        let count = self.pending_vcpus.len();
+        self.spawn_vcpus()?;
+        if paused {
+            self.control.wait_parked(count);
+        }
+        Ok(())
+    }
+
+    fn spawn_vcpus(&mut self) -> Result<(), VmError> {
         for (index, fd) in self.pending_vcpus.drain(..).enumerate() {
             let ctx = VcpuContext {
                 io_bus: self.io_bus.clone(),

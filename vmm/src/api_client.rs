@@ -1,0 +1,86 @@
+//! The CLI's side of the control API: one HTTP/1.1 request per connection
+//! over the VM's Unix socket. The wire format is plain HTTP (usable with
+//! `curl --unix-socket`); responses are parsed with `httparse`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Errors talking to a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket: the VM is not running.
+    #[error("the VM is not running (no VMM answers on {0})")]
+    NotRunning(PathBuf),
+    /// I/O on the socket failed.
+    #[error("talking to the VMM on {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The response is not HTTP/JSON.
+    #[error("malformed response from the VMM: {0}")]
+    Malformed(String),
+    /// The VMM answered with an error status.
+    #[error("{message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The `error` field of the body.
+        message: String,
+    },
+}
+
+/// Sends one request; returns the JSON body of a 2xx response.
+pub fn request(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    let io = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(socket.to_path_buf())
+        }
+        _ => io(e),
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).map_err(io)?;
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    );
+    s.write_all(head.as_bytes()).map_err(io)?;
+    s.write_all(payload.as_bytes()).map_err(io)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(io)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let off = match resp.parse(&raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(ClientError::Malformed("truncated".into())),
+        Err(e) => return Err(ClientError::Malformed(e.to_string())),
+    };
+    let status = resp.code.unwrap_or(0);
+    let text = String::from_utf8_lossy(&raw[off..]);
+    let value: Value = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).map_err(|e| ClientError::Malformed(format!("{e}: {text}")))?
+    };
+    if (200..300).contains(&status) {
+        Ok(value)
+    } else {
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        Err(ClientError::Api { status, message })
+    }
+}

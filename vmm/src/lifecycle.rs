@@ -1,0 +1,368 @@
+//! The CLI side of VM lifecycle: start a background VMM for a VM directory,
+//! stop, pause, resume, show status, list VMs, attach to the console. Every
+//! operation on a running VM goes through its control API.
+
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::api_client::{self, ClientError};
+use crate::console::DETACH_KEY;
+use crate::daemon::{disk_status, is_running};
+use crate::vmdir::{VmDir, VmDirError};
+
+/// How long `start` and `stop` wait for the VMM.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Errors of lifecycle commands.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The VM directory is unusable.
+    #[error(transparent)]
+    VmDir(#[from] VmDirError),
+    /// The API said no, or could not be reached.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The VM is already running.
+    #[error("VM {0} is already running (pid {1}); stop it first or use `snapvm status`")]
+    AlreadyRunning(PathBuf, String),
+    /// The VM is not running.
+    #[error("VM {0} is not running")]
+    NotRunning(PathBuf),
+    /// The VMM did not come up.
+    #[error("the VMM did not start: {0}")]
+    StartFailed(String),
+    /// The VMM did not go away.
+    #[error("the VMM of {0} did not stop within 60 s; use `snapvm stop --force`")]
+    StopTimeout(PathBuf),
+    /// Local I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LifecycleError {
+    let what = what.into();
+    move |source| LifecycleError::Io { what, source }
+}
+
+fn pid_of(dir: &VmDir) -> String {
+    std::fs::read_to_string(dir.pid_file())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Lines starting "snapvm: error:" that the VMM wrote to vmm.log after `from`.
+fn startup_errors(log: &Path, from: u64) -> Vec<String> {
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return vec![];
+    };
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return vec![];
+    }
+    std::io::BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.strip_prefix("snapvm: error: ").map(str::to_string))
+        .collect()
+}
+
+/// Starts the VMM of `root` in the background; returns its status once the
+/// guest runs (or is paused, with `paused`).
+pub fn start(root: &Path, paused: bool) -> Result<Value, LifecycleError> {
+    let dir = VmDir::open(root)?;
+    dir.load()?;
+    dir.check_socket_paths()?;
+    if is_running(&dir) {
+        return Err(LifecycleError::AlreadyRunning(dir.root().to_path_buf(), pid_of(&dir)));
+    }
+    std::fs::create_dir_all(dir.logs_dir()).map_err(io("cannot create logs/"))?;
+    let log_path = dir.vmm_log();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("cannot open {}", log_path.display())))?;
+    let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().map_err(io("cannot find the snapvm executable"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__vmm").arg(dir.root());
+    if paused {
+        cmd.arg("--paused");
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("cannot open vmm.log"))?)
+        .stderr(log)
+        .env("SNAPVM_LOG", std::env::var("SNAPVM_LOG").unwrap_or_else(|_| "info".into()))
+        // Its own process group: Ctrl-C in this terminal does not reach it.
+        .process_group(0)
+        .spawn()
+        .map_err(io("cannot start the VMM process"))?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let errors = startup_errors(&log_path, offset);
+            let msg = errors
+                .last()
+                .cloned()
+                .unwrap_or_else(|| format!("it exited with {status}; see {}", log_path.display()));
+            return Err(LifecycleError::StartFailed(msg));
+        }
+        match api_client::request(&dir.api_socket(), "GET", "/vm", None) {
+            Ok(v) => return Ok(v),
+            Err(ClientError::NotRunning(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(LifecycleError::StartFailed(format!(
+                "no answer on {} within 60 s; see {}",
+                dir.api_socket().display(),
+                log_path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_stopped(dir: &VmDir) -> Result<(), LifecycleError> {
+    let deadline = Instant::now() + WAIT;
+    while is_running(dir) {
+        if Instant::now() > deadline {
+            return Err(LifecycleError::StopTimeout(dir.root().to_path_buf()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Stops the VM: through the API, or with `force` by killing the VMM.
+pub fn stop(root: &Path, force: bool) -> Result<(), LifecycleError> {
+    let dir = VmDir::open(root)?;
+    if !is_running(&dir) {
+        return Err(LifecycleError::NotRunning(dir.root().to_path_buf()));
+    }
+    if force {
+        let pid: i32 = pid_of(&dir)
+            .parse()
+            .map_err(|_| LifecycleError::NotRunning(dir.root().to_path_buf()))?;
+        // SAFETY: kill(2) with a pid read from the VM's pid file, whose
+        // holder also holds the VM's lock (checked above).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_stopped(&dir)?;
+        for stale in [dir.api_socket(), dir.console_socket(), dir.pid_file()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        return Ok(());
+    }
+    api_client::request(&dir.api_socket(), "PUT", "/vm/state", Some(&json!({"state": "stopped"})))?;
+    wait_stopped(&dir)
+}
+
+/// Pauses or resumes (`target` = "paused" or "running").
+pub fn set_state(root: &Path, target: &str) -> Result<Value, LifecycleError> {
+    let dir = VmDir::open(root)?;
+    if !is_running(&dir) {
+        return Err(LifecycleError::NotRunning(dir.root().to_path_buf()));
+    }
+    Ok(api_client::request(
+        &dir.api_socket(),
+        "PUT",
+        "/vm/state",
+        Some(&json!({ "state": target })),
+    )?)
+}
+
+/// The VM's status: from its VMM when running, from vm.toml otherwise.
+pub fn status(root: &Path) -> Result<Value, LifecycleError> {
+    let dir = VmDir::open(root)?;
+    let toml = dir.load()?;
+    if is_running(&dir) {
+        match api_client::request(&dir.api_socket(), "GET", "/vm", None) {
+            Ok(v) => return Ok(v),
+            Err(ClientError::NotRunning(_)) => {} // starting or stopping
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let last_exit: Value = std::fs::read_to_string(dir.logs_dir().join("last-exit.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null);
+    Ok(json!({
+        "name": toml.name,
+        "vmdir": dir.root(),
+        "state": "stopped",
+        "pid": Value::Null,
+        "uptime_s": Value::Null,
+        "memory_bytes": crate::config::parse_size(&toml.memory).unwrap_or(0),
+        "vcpus": toml.vcpus,
+        "disks": disk_status(&dir, &toml),
+        "last_exit": last_exit,
+    }))
+}
+
+/// Human-readable status.
+pub fn format_status(v: &Value) -> String {
+    let mut s = format!(
+        "{}: {}\n  directory: {}\n",
+        v["name"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        v["vmdir"].as_str().unwrap_or("?")
+    );
+    if let Some(pid) = v["pid"].as_u64() {
+        s += &format!(
+            "  pid: {pid}\n  uptime: {:.1} s\n",
+            v["uptime_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    s += &format!(
+        "  memory: {} MiB\n  vcpus: {}\n",
+        v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+        v["vcpus"]
+    );
+    for d in v["disks"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  disk {}{}:\n",
+            d["name"].as_str().unwrap_or("?"),
+            if d["readonly"].as_bool() == Some(true) { " (read-only)" } else { "" }
+        );
+        for (i, l) in d["layers"].as_array().into_iter().flatten().enumerate() {
+            let role = if i == 0 { "working layer" } else { "backing" };
+            s += &format!("    {}  ({role})\n", l.as_str().unwrap_or("?"));
+        }
+    }
+    if let Some(o) = v["last_exit"]["outcome"].as_str() {
+        s += &format!("  last exit: {o}\n");
+    }
+    s
+}
+
+/// VMs in `root` (itself, or its subdirectories): name, state, pid, path.
+pub fn list(root: &Path) -> Result<Vec<Value>, LifecycleError> {
+    let mut dirs = Vec::new();
+    if root.join("vm.toml").is_file() {
+        dirs.push(root.to_path_buf());
+    } else {
+        let entries = std::fs::read_dir(root).map_err(io(format!("cannot read {}", root.display())))?;
+        for e in entries.flatten() {
+            if e.path().join("vm.toml").is_file() {
+                dirs.push(e.path());
+            }
+        }
+    }
+    dirs.sort();
+    Ok(dirs
+        .iter()
+        .map(|d| {
+            let dir = VmDir::new(d);
+            let running = is_running(&dir);
+            let name = dir.load().map(|t| t.name).unwrap_or_else(|e| format!("(invalid: {e})"));
+            let state = if running {
+                api_client::request(&dir.api_socket(), "GET", "/vm", None)
+                    .ok()
+                    .and_then(|v| v["state"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "running".into())
+            } else {
+                "stopped".into()
+            };
+            json!({
+                "name": name,
+                "state": state,
+                "pid": if running { json!(pid_of(&dir)) } else { Value::Null },
+                "vmdir": dir.root(),
+            })
+        })
+        .collect())
+}
+
+/// Restores the terminal mode when dropped.
+struct RawMode {
+    saved: libc::termios,
+}
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        // SAFETY: isatty has no memory effects.
+        if unsafe { libc::isatty(0) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for fd 0.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a termios struct.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct it is given; tcsetattr reads it.
+        unsafe {
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+        }
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes saved in `enter`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Attaches stdin/stdout to the VM's serial console until Ctrl-] (or EOF on
+/// stdin, or the VM stopping).
+pub fn console(root: &Path) -> Result<(), LifecycleError> {
+    let dir = VmDir::open(root)?;
+    let sock = dir.console_socket();
+    let stream = UnixStream::connect(&sock).map_err(|_| LifecycleError::NotRunning(dir.root().to_path_buf()))?;
+    eprintln!("snapvm: attached to the console of {}; detach with Ctrl-]", dir.root().display());
+    let _raw = RawMode::enter();
+    let mut from_vm = stream.try_clone().map_err(io("console socket"))?;
+    let output = std::thread::spawn(move || {
+        let mut out = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from_vm.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let _ = out.flush();
+        }
+    });
+    let mut to_vm = stream;
+    let mut stdin = std::io::stdin();
+    let mut buf = [0u8; 256];
+    loop {
+        if output.is_finished() {
+            break;
+        }
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                // No more input: keep showing output until the VM stops.
+                let _ = output.join();
+                break;
+            }
+            Ok(n) => n,
+        };
+        if let Some(pos) = buf[..n].iter().position(|b| *b == DETACH_KEY) {
+            let _ = to_vm.write_all(&buf[..pos]);
+            break;
+        }
+        if to_vm.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to_vm.shutdown(std::net::Shutdown::Both);
+    drop(_raw);
+    eprintln!("\r\nsnapvm: detached");
+    Ok(())
+}
