@@ -46,7 +46,14 @@ fn linux_boots_writes_its_disk_and_resets() {
             .arg(dir.join("initramfs.cpio"))
             .arg("--disk")
             .arg(&disk)
-            .args(["--vcpus", "2", "--memory", "256M", "--cmdline", LINUX_CMDLINE]),
+            .args([
+                "--vcpus",
+                "2",
+                "--memory",
+                "256M",
+                "--cmdline",
+                LINUX_CMDLINE,
+            ]),
         Duration::from_secs(180),
     );
     assert_eq!(r.code(), 0, "reset through the i8042 exits 0: {r:?}");

@@ -36,8 +36,39 @@ pub enum ClientError {
     },
 }
 
-/// Sends one request; returns the JSON body of a 2xx response.
-pub fn request(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+/// Sends one request; returns the JSON body of a 2xx response. A GET whose
+/// connection is reset (the VMM starting or stopping) is retried briefly.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value, ClientError> {
+    let mut attempt = 0;
+    loop {
+        match request_once(socket, method, path, body) {
+            Err(ClientError::Io { source, .. })
+                if method == "GET"
+                    && attempt < 5
+                    && matches!(
+                        source.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    ) =>
+            {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn request_once(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value, ClientError> {
     let io = |source| ClientError::Io {
         path: socket.to_path_buf(),
         source,
@@ -48,7 +79,8 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&Value>) ->
         }
         _ => io(e),
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(120))).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io)?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\

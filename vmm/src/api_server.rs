@@ -85,7 +85,8 @@ fn read_json(req: &mut Request) -> Result<Value, ApiError> {
         .take(1 << 20)
         .read_to_string(&mut body)
         .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
-    serde_json::from_str(&body).map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))
+    serde_json::from_str(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))
 }
 
 fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), ApiError> {
@@ -96,10 +97,11 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
         (["vm"], Method::Get) => Ok((200, backend.status())),
         (["vm", "state"], Method::Put) => {
             let body = read_json(req)?;
-            let target = body
-                .get("state")
-                .and_then(Value::as_str)
-                .ok_or_else(|| ApiError::BadRequest("expected {\"state\": \"running\" | \"paused\" | \"stopped\"}".into()))?;
+            let target = body.get("state").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::BadRequest(
+                    "expected {\"state\": \"running\" | \"paused\" | \"stopped\"}".into(),
+                )
+            })?;
             Ok((200, backend.set_state(target)?))
         }
         (["jobs"], Method::Get) => Ok((200, json!(backend.jobs().list()))),
@@ -108,9 +110,9 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
             .get(id)
             .map(|j| (200, json!(j)))
             .ok_or_else(|| ApiError::NotFound(format!("no job {id}"))),
-        (["vm"] | ["vm", "state"] | ["jobs"] | ["jobs", _], m) => {
-            Err(ApiError::MethodNotAllowed(format!("{m} is not allowed on {url}")))
-        }
+        (["vm"] | ["vm", "state"] | ["jobs"] | ["jobs", _], m) => Err(ApiError::MethodNotAllowed(
+            format!("{m} is not allowed on {url}"),
+        )),
         _ => Err(ApiError::NotFound(format!("no such endpoint: {url}"))),
     }
 }

@@ -256,7 +256,12 @@ pub struct DiskBench {
 const MODES: [&str; 4] = ["seqread", "randread", "seqwrite", "randwrite"];
 
 /// The guest's throughput for one mode on `disk`, in MiB/s.
-fn guest_disk_mibps(b: &DiskBench, disk: &Path, mode: &str, requests: u64) -> Result<f64, BenchError> {
+fn guest_disk_mibps(
+    b: &DiskBench,
+    disk: &Path,
+    mode: &str,
+    requests: u64,
+) -> Result<f64, BenchError> {
     let mut cmd = Engine::Snapvm.command(
         &b.kernel,
         &format!(
@@ -267,10 +272,19 @@ fn guest_disk_mibps(b: &DiskBench, disk: &Path, mode: &str, requests: u64) -> Re
         128,
     );
     cmd.arg("--disk").arg(disk);
-    let (lines, _) = run_until(Engine::Snapvm, &mut cmd, "TESTGUEST BENCH", Duration::from_secs(600))?;
+    let (lines, _) = run_until(
+        Engine::Snapvm,
+        &mut cmd,
+        "TESTGUEST BENCH",
+        Duration::from_secs(600),
+    )?;
     let line = lines.last().map(String::as_str).unwrap_or_default();
-    let bytes: f64 = field(line, "bytes").and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let ns: f64 = field(line, "ns").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let bytes: f64 = field(line, "bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let ns: f64 = field(line, "ns")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     if ns <= 0.0 {
         return Err(BenchError::Guest {
             what: "snapvm".into(),
@@ -328,10 +342,14 @@ pub fn disk(b: &DiskBench) -> Result<(), BenchError> {
         let what = what.to_string();
         move |source| BenchError::Spawn { what, source }
     };
-    let dir = b.dir.join(format!("snapvm-bench-disk-{}", std::process::id()));
+    let dir = b
+        .dir
+        .join(format!("snapvm-bench-disk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(io("scratch directory"))?;
     let size = b.blocks * 4096;
-    let filled: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let filled: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
 
     let raw = dir.join("disk.raw");
     std::fs::write(&raw, &filled).map_err(io("raw image"))?;

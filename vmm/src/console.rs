@@ -61,7 +61,9 @@ impl ConsoleHub {
     pub fn serve(&self, listener: UnixListener, serial: Arc<Mutex<SerialDevice>>) {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            let Ok(reader) = conn.try_clone() else { continue };
+            let Ok(reader) = conn.try_clone() else {
+                continue;
+            };
             self.attach(conn);
             let serial = serial.clone();
             std::thread::spawn(move || forward_input(reader, serial));

@@ -188,8 +188,17 @@ fn take_lock(dir: &VmDir) -> Result<File, DaemonError> {
         .write(true)
         .open(&path)
         .map_err(io_err("open", &path))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    // `is_running` probes the lock with a brief shared lock: retry for a
+    // moment so such a probe is not mistaken for a running VMM.
+    let mut rc = -1;
+    for _ in 0..20 {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
     if rc != 0 {
         let pid = std::fs::read_to_string(dir.pid_file()).unwrap_or_else(|_| "unknown".into());
         return Err(DaemonError::AlreadyRunning {
@@ -223,7 +232,10 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
     // Leftovers of a VMM that was killed: its sockets and pid file.
     for stale in [dir.api_socket(), dir.console_socket(), dir.pid_file()] {
         if stale.exists() {
-            tracing::warn!("removing {} left by a VMM that did not stop cleanly", stale.display());
+            tracing::warn!(
+                "removing {} left by a VMM that did not stop cleanly",
+                stale.display()
+            );
             let _ = std::fs::remove_file(&stale);
         }
     }
@@ -239,7 +251,8 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
         .map_err(io_err("open", &dir.serial_log()))?;
     let hub = ConsoleHub::new(Some(log));
     let mut vm = Vm::create(&config, Box::new(hub.clone()))?;
-    let console = console::bind(&dir.console_socket()).map_err(io_err("bind", &dir.console_socket()))?;
+    let console =
+        console::bind(&dir.console_socket()).map_err(io_err("bind", &dir.console_socket()))?;
     let serial = vm.serial();
     let hub2 = hub.clone();
     std::thread::spawn(move || hub2.serve(console, serial));
@@ -248,7 +261,11 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
     let vm_stop_fd = vm.stop_eventfd().as_raw_fd();
     let controller = Arc::new(Controller {
         vm: Mutex::new(vm),
-        power: Mutex::new(if paused { Power::Paused } else { Power::Running }),
+        power: Mutex::new(if paused {
+            Power::Paused
+        } else {
+            Power::Running
+        }),
         started: Instant::now(),
         dir: dir.clone(),
         toml,
@@ -256,10 +273,15 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
         stop_evt: EventFd::new(EFD_NONBLOCK).map_err(io_err("create", Path::new("eventfd")))?,
         stopping: AtomicBool::new(false),
     });
-    let server = Arc::new(api_server::bind(&dir.api_socket()).map_err(io_err("bind", &dir.api_socket()))?);
+    let server =
+        Arc::new(api_server::bind(&dir.api_socket()).map_err(io_err("bind", &dir.api_socket()))?);
     let (srv, ctl) = (server.clone(), controller.clone());
     std::thread::spawn(move || api_server::serve(&srv, &*ctl));
-    tracing::info!("VM {} started ({})", controller.toml.name, controller.power().name());
+    tracing::info!(
+        "VM {} started ({})",
+        controller.toml.name,
+        controller.power().name()
+    );
 
     let sig = event_loop(vec![vm_stop_fd, controller.stop_evt.as_raw_fd()], vec![])?;
     controller.stopping.store(true, Ordering::SeqCst);
@@ -274,6 +296,9 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
     let _ = std::fs::remove_file(dir.console_socket());
     let _ = std::fs::remove_file(dir.pid_file());
     let last = json!({ "outcome": outcome.to_string(), "exit_code": outcome.exit_code() });
-    let _ = snapshot::atomic_file::write_atomic(&dir.logs_dir().join("last-exit.json"), last.to_string().as_bytes());
+    let _ = snapshot::atomic_file::write_atomic(
+        &dir.logs_dir().join("last-exit.json"),
+        last.to_string().as_bytes(),
+    );
     Ok(outcome)
 }

@@ -83,7 +83,10 @@ pub fn start(root: &Path, paused: bool) -> Result<Value, LifecycleError> {
     dir.load()?;
     dir.check_socket_paths()?;
     if is_running(&dir) {
-        return Err(LifecycleError::AlreadyRunning(dir.root().to_path_buf(), pid_of(&dir)));
+        return Err(LifecycleError::AlreadyRunning(
+            dir.root().to_path_buf(),
+            pid_of(&dir),
+        ));
     }
     std::fs::create_dir_all(dir.logs_dir()).map_err(io("cannot create logs/"))?;
     let log_path = dir.vmm_log();
@@ -103,7 +106,10 @@ pub fn start(root: &Path, paused: bool) -> Result<Value, LifecycleError> {
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io("cannot open vmm.log"))?)
         .stderr(log)
-        .env("SNAPVM_LOG", std::env::var("SNAPVM_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "SNAPVM_LOG",
+            std::env::var("SNAPVM_LOG").unwrap_or_else(|_| "info".into()),
+        )
         // Its own process group: Ctrl-C in this terminal does not reach it.
         .process_group(0)
         .spawn()
@@ -119,7 +125,15 @@ pub fn start(root: &Path, paused: bool) -> Result<Value, LifecycleError> {
             return Err(LifecycleError::StartFailed(msg));
         }
         match api_client::request(&dir.api_socket(), "GET", "/vm", None) {
-            Ok(v) => return Ok(v),
+            Ok(v) if v["pid"].as_u64() == Some(child.id() as u64) => return Ok(v),
+            Ok(v) => {
+                // Another `start` won the race: our VMM loses the lock and exits.
+                let _ = child.wait();
+                return Err(LifecycleError::AlreadyRunning(
+                    dir.root().to_path_buf(),
+                    v["pid"].to_string(),
+                ));
+            }
             Err(ClientError::NotRunning(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -165,7 +179,12 @@ pub fn stop(root: &Path, force: bool) -> Result<(), LifecycleError> {
         }
         return Ok(());
     }
-    api_client::request(&dir.api_socket(), "PUT", "/vm/state", Some(&json!({"state": "stopped"})))?;
+    api_client::request(
+        &dir.api_socket(),
+        "PUT",
+        "/vm/state",
+        Some(&json!({"state": "stopped"})),
+    )?;
     wait_stopped(&dir)
 }
 
@@ -234,7 +253,11 @@ pub fn format_status(v: &Value) -> String {
         s += &format!(
             "  disk {}{}:\n",
             d["name"].as_str().unwrap_or("?"),
-            if d["readonly"].as_bool() == Some(true) { " (read-only)" } else { "" }
+            if d["readonly"].as_bool() == Some(true) {
+                " (read-only)"
+            } else {
+                ""
+            }
         );
         for (i, l) in d["layers"].as_array().into_iter().flatten().enumerate() {
             let role = if i == 0 { "working layer" } else { "backing" };
@@ -253,7 +276,8 @@ pub fn list(root: &Path) -> Result<Vec<Value>, LifecycleError> {
     if root.join("vm.toml").is_file() {
         dirs.push(root.to_path_buf());
     } else {
-        let entries = std::fs::read_dir(root).map_err(io(format!("cannot read {}", root.display())))?;
+        let entries =
+            std::fs::read_dir(root).map_err(io(format!("cannot read {}", root.display())))?;
         for e in entries.flatten() {
             if e.path().join("vm.toml").is_file() {
                 dirs.push(e.path());
@@ -266,7 +290,10 @@ pub fn list(root: &Path) -> Result<Vec<Value>, LifecycleError> {
         .map(|d| {
             let dir = VmDir::new(d);
             let running = is_running(&dir);
-            let name = dir.load().map(|t| t.name).unwrap_or_else(|e| format!("(invalid: {e})"));
+            let name = dir
+                .load()
+                .map(|t| t.name)
+                .unwrap_or_else(|e| format!("(invalid: {e})"));
             let state = if running {
                 api_client::request(&dir.api_socket(), "GET", "/vm", None)
                     .ok()
@@ -324,8 +351,12 @@ impl Drop for RawMode {
 pub fn console(root: &Path) -> Result<(), LifecycleError> {
     let dir = VmDir::open(root)?;
     let sock = dir.console_socket();
-    let stream = UnixStream::connect(&sock).map_err(|_| LifecycleError::NotRunning(dir.root().to_path_buf()))?;
-    eprintln!("snapvm: attached to the console of {}; detach with Ctrl-]", dir.root().display());
+    let stream = UnixStream::connect(&sock)
+        .map_err(|_| LifecycleError::NotRunning(dir.root().to_path_buf()))?;
+    eprintln!(
+        "snapvm: attached to the console of {}; detach with Ctrl-]",
+        dir.root().display()
+    );
     let _raw = RawMode::enter();
     let mut from_vm = stream.try_clone().map_err(io("console socket"))?;
     let output = std::thread::spawn(move || {

@@ -2,9 +2,9 @@
 //! guest stops it or the user presses Ctrl-C.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use devices::serial::SerialInput;
@@ -58,7 +58,10 @@ pub fn event_loop(
 ) -> Result<Option<i32>, RunError> {
     let (sig_read, sig_write) = UnixStream::pair().map_err(RunError::Signals)?;
     sig_read.set_nonblocking(true).map_err(RunError::Signals)?;
-    for (sig, byte) in [(signal_hook::consts::SIGINT, 2u8), (signal_hook::consts::SIGTERM, 15u8)] {
+    for (sig, byte) in [
+        (signal_hook::consts::SIGINT, 2u8),
+        (signal_hook::consts::SIGTERM, 15u8),
+    ] {
         let w = sig_write.try_clone().map_err(RunError::Signals)?;
         register_signal_byte(sig, w, byte).map_err(RunError::Signals)?;
     }

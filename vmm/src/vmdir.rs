@@ -256,11 +256,19 @@ impl VmDir {
         let mut names = std::collections::HashSet::new();
         for (i, d) in t.disks.iter().enumerate() {
             let key = format!("disk[{i}]");
-            if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            if d.name.is_empty()
+                || !d
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
                 return Err(self.key_err(&format!("{key}.name"), "use letters, digits, - and _"));
             }
             if !names.insert(d.name.clone()) {
-                return Err(self.key_err(&format!("{key}.name"), format!("'{}' is used twice", d.name)));
+                return Err(self.key_err(
+                    &format!("{key}.name"),
+                    format!("'{}' is used twice", d.name),
+                ));
             }
             for (k, p) in [("base", &d.base), ("current", &d.current)] {
                 if !self.resolve(p).is_file() {
@@ -390,10 +398,19 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
     std::fs::create_dir_all(root).map_err(io("cannot create", root))?;
     let dir = VmDir::new(root);
     dir.check_socket_paths()?;
-    for d in [dir.disks_dir(), dir.kernel_dir(), dir.logs_dir(), dir.run_dir()] {
+    for d in [
+        dir.disks_dir(),
+        dir.kernel_dir(),
+        dir.logs_dir(),
+        dir.run_dir(),
+    ] {
         std::fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
     }
-    let rel = |p: &Path| p.strip_prefix(dir.root()).map(Path::to_path_buf).unwrap_or(p.to_path_buf());
+    let rel = |p: &Path| {
+        p.strip_prefix(dir.root())
+            .map(Path::to_path_buf)
+            .unwrap_or(p.to_path_buf())
+    };
     let place = |src: &Path, into: &Path, name: &str| -> Result<PathBuf, VmDirError> {
         if req.link {
             absolute(src)
@@ -401,7 +418,11 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
             copy_into(src, into, name).map(|p| rel(&p))
         }
     };
-    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into())
+    };
     let kernel = place(&req.kernel, &dir.kernel_dir(), &file_name(&req.kernel))?;
     let initrd = match &req.initrd {
         Some(i) => Some(place(i, &dir.kernel_dir(), &file_name(i))?),
@@ -410,7 +431,11 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
     let mut disks = Vec::new();
     for (i, (d, format)) in req.disks.iter().zip(disk_formats).enumerate() {
         let name = format!("disk{i}");
-        let base = place(&d.path, &dir.disks_dir(), &format!("{name}.{}", format.name()))?;
+        let base = place(
+            &d.path,
+            &dir.disks_dir(),
+            &format!("{name}.{}", format.name()),
+        )?;
         disks.push(DiskEntry {
             name,
             current: base.clone(),
@@ -496,11 +521,20 @@ mod tests {
         let text = std::fs::read_to_string(d.config_path()).unwrap();
         let cases = [
             (text.replace("vcpus = 2", "vcpus = 0"), "key 'vcpus'"),
-            (text.replace("memory = \"64M\"", "memory = \"lots\""), "key 'memory'"),
+            (
+                text.replace("memory = \"64M\"", "memory = \"lots\""),
+                "key 'memory'",
+            ),
             (text.replace("vcpus = 2", "vcpus = \"two\""), "vcpus"),
-            (text.replace("kernel = \"kernel/k.elf\"", "kernel = \"kernel/nope\""), "key 'kernel'"),
+            (
+                text.replace("kernel = \"kernel/k.elf\"", "kernel = \"kernel/nope\""),
+                "key 'kernel'",
+            ),
             (format!("{text}\nbogus = 1\n"), "bogus"),
-            (text.replace("base = \"disks/disk0.raw\"", "base = \"disks/x.raw\""), "key 'disk[0].base'"),
+            (
+                text.replace("base = \"disks/disk0.raw\"", "base = \"disks/x.raw\""),
+                "key 'disk[0].base'",
+            ),
         ];
         for (bad, want) in cases {
             std::fs::write(d.config_path(), &bad).unwrap();
@@ -515,11 +549,17 @@ mod tests {
     fn long_socket_paths_are_refused() {
         let long = PathBuf::from("/tmp").join("x".repeat(120));
         let d = VmDir::new(&long);
-        assert!(matches!(d.check_socket_paths(), Err(VmDirError::SocketPathTooLong { .. })));
+        assert!(matches!(
+            d.check_socket_paths(),
+            Err(VmDirError::SocketPathTooLong { .. })
+        ));
     }
 
     #[test]
     fn not_a_vm_dir() {
-        assert!(matches!(VmDir::open(Path::new("/")), Err(VmDirError::NotAVmDir(_))));
+        assert!(matches!(
+            VmDir::open(Path::new("/")),
+            Err(VmDirError::NotAVmDir(_))
+        ));
     }
 }
