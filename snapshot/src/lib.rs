@@ -6,4 +6,6 @@
 
 pub mod atomic_file;
 pub mod disk;
+pub mod memory_file;
+pub mod state_file;
 pub mod write_protect;
