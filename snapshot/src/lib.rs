@@ -6,6 +6,8 @@
 
 pub mod atomic_file;
 pub mod disk;
+pub mod live;
 pub mod memory_file;
 pub mod state_file;
+pub mod tree;
 pub mod write_protect;

@@ -1,0 +1,242 @@
+//! snapshots/tree.json: the snapshot tree of a VM (ids, names, parents,
+//! times, power state, disk layers) and where "Now" hangs. Updated
+//! atomically; a snapshot appears here only once all its files are durable.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Current tree format version.
+pub const VERSION: u32 = 1;
+
+/// Errors of the tree store.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// tree.json cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// tree.json does not parse.
+    #[error("{path}: invalid snapshot tree: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// No snapshot matches.
+    #[error("no snapshot matches '{0}' (use an id, a unique id prefix or a unique name; `snapvm snapshot list` shows them)")]
+    NotFound(String),
+    /// Several snapshots match.
+    #[error("'{reference}' is ambiguous; it matches: {}", candidates.join(", "))]
+    Ambiguous {
+        /// The reference given.
+        reference: String,
+        /// "id (name)" of each match.
+        candidates: Vec<String>,
+    },
+}
+
+/// The VM's power state when a snapshot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    /// vCPUs were running.
+    Running,
+    /// vCPUs were paused.
+    Paused,
+    /// No VMM was running: configuration and disks only.
+    Off,
+}
+
+/// One disk's layer frozen by a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLayer {
+    /// Disk name (as in vm.toml).
+    pub name: String,
+    /// The layer holding the disk's content at the snapshot instant,
+    /// relative to the VM directory. Nothing writes it any more.
+    pub layer: PathBuf,
+}
+
+/// A snapshot's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// UUID.
+    pub id: String,
+    /// Name (not necessarily unique).
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Parent snapshot (None for a root).
+    pub parent: Option<String>,
+    /// Power state captured.
+    pub power_state: PowerState,
+    /// How long the guest was paused to take it (running snapshots).
+    #[serde(default)]
+    pub pause_us: Option<u64>,
+    /// Guest memory bytes written to memory.bin (zero pages excluded).
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Wall time to complete, ms.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Frozen disk layers.
+    pub disks: Vec<DiskLayer>,
+}
+
+/// The whole tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tree {
+    /// Format version.
+    pub version: u32,
+    /// Snapshots in creation order.
+    pub snapshots: Vec<SnapshotMeta>,
+    /// The snapshot the VM's current state ("Now") hangs under.
+    pub now: Option<String>,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Self {
+            version: VERSION,
+            snapshots: Vec::new(),
+            now: None,
+        }
+    }
+}
+
+impl Tree {
+    /// Loads `path`; a missing file is an empty tree.
+    pub fn load(path: &Path) -> Result<Self, TreeError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(TreeError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let t: Tree = serde_json::from_str(&text).map_err(|e| TreeError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if t.version != VERSION {
+            return Err(TreeError::Parse {
+                path: path.to_path_buf(),
+                message: format!("unsupported version {} (this snapvm reads {VERSION})", t.version),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Saves atomically.
+    pub fn save(&self, path: &Path) -> Result<(), TreeError> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| TreeError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        crate::atomic_file::write_atomic(path, text.as_bytes()).map_err(|source| TreeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Finds a snapshot by id, unique id prefix or unique name.
+    pub fn resolve(&self, reference: &str) -> Result<&SnapshotMeta, TreeError> {
+        if let Some(s) = self.snapshots.iter().find(|s| s.id == reference) {
+            return Ok(s);
+        }
+        let by_name: Vec<&SnapshotMeta> = self.snapshots.iter().filter(|s| s.name == reference).collect();
+        let by_prefix: Vec<&SnapshotMeta> = if reference.len() >= 4 {
+            self.snapshots.iter().filter(|s| s.id.starts_with(reference)).collect()
+        } else {
+            vec![]
+        };
+        let mut all: Vec<&SnapshotMeta> = by_name.iter().chain(by_prefix.iter()).copied().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.dedup_by(|a, b| a.id == b.id);
+        match all.len() {
+            0 => Err(TreeError::NotFound(reference.into())),
+            1 => Ok(all[0]),
+            _ => Err(TreeError::Ambiguous {
+                reference: reference.into(),
+                candidates: all.iter().map(|s| format!("{} ({})", s.id, s.name)).collect(),
+            }),
+        }
+    }
+
+    /// Adds `meta` as the newest snapshot and moves "Now" under it.
+    pub fn add(&mut self, meta: SnapshotMeta) {
+        self.now = Some(meta.id.clone());
+        self.snapshots.push(meta);
+    }
+
+    /// Children of `id`.
+    pub fn children(&self, id: &str) -> Vec<&SnapshotMeta> {
+        self.snapshots
+            .iter()
+            .filter(|s| s.parent.as_deref() == Some(id))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: &str, name: &str, parent: Option<&str>) -> SnapshotMeta {
+        SnapshotMeta {
+            id: id.into(),
+            name: name.into(),
+            description: String::new(),
+            created_ms: 1,
+            parent: parent.map(str::to_string),
+            power_state: PowerState::Running,
+            pause_us: Some(1500),
+            memory_bytes: 0,
+            duration_ms: 0,
+            disks: vec![],
+        }
+    }
+
+    #[test]
+    fn resolve_by_id_prefix_and_name() {
+        let mut t = Tree::default();
+        t.add(meta("aaaa1111-0000", "base", None));
+        t.add(meta("aaaa2222-0000", "work", Some("aaaa1111-0000")));
+        t.add(meta("bbbb3333-0000", "work", Some("aaaa2222-0000")));
+        assert_eq!(t.now.as_deref(), Some("bbbb3333-0000"));
+        assert_eq!(t.resolve("aaaa1111-0000").unwrap().name, "base");
+        assert_eq!(t.resolve("base").unwrap().id, "aaaa1111-0000");
+        assert_eq!(t.resolve("bbbb").unwrap().id, "bbbb3333-0000");
+        let e = t.resolve("work").unwrap_err().to_string();
+        assert!(e.contains("ambiguous") && e.contains("aaaa2222-0000 (work)") && e.contains("bbbb3333-0000 (work)"), "{e}");
+        assert!(matches!(t.resolve("aaaa"), Err(TreeError::Ambiguous { .. })));
+        assert!(matches!(t.resolve("zzzz"), Err(TreeError::NotFound(_))));
+        assert_eq!(t.children("aaaa1111-0000").len(), 1);
+    }
+
+    #[test]
+    fn save_load_and_missing_file() {
+        let p = std::env::temp_dir().join(format!("snapvm-tree-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        assert_eq!(Tree::load(&p).unwrap(), Tree::default());
+        let mut t = Tree::default();
+        t.add(meta("x", "y", None));
+        t.save(&p).unwrap();
+        assert_eq!(Tree::load(&p).unwrap(), t);
+        std::fs::write(&p, "{nope").unwrap();
+        assert!(Tree::load(&p).unwrap_err().to_string().contains("invalid snapshot tree"));
+        std::fs::remove_file(&p).unwrap();
+    }
+}
