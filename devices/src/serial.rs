@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 
@@ -23,6 +23,65 @@ pub const COM1_IRQ: u32 = 4;
 /// Where guest console output goes.
 pub type SerialOutput = Box<dyn Write + Send>;
 
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes waiting in the receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// A UART raising its interrupt through an [`IrqLine`].
 pub struct SerialDevice {
     uart: Serial<IrqLine, NoEvents, SerialOutput>,
@@ -34,6 +93,22 @@ impl SerialDevice {
         Self {
             uart: Serial::new(irq, out),
         }
+    }
+
+    /// Recreates a UART from a snapshot.
+    pub fn from_snapshot(
+        snap: &SerialSnapshot,
+        irq: IrqLine,
+        out: SerialOutput,
+    ) -> std::io::Result<Self> {
+        let uart = Serial::from_state(&SerialState::from(snap), irq, NoEvents, out)
+            .map_err(|e| std::io::Error::other(format!("invalid serial state: {e:?}")))?;
+        Ok(Self { uart })
+    }
+
+    /// The UART's state for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        self.uart.state().into()
     }
 
     /// The interrupt line (to register with KVM).
@@ -146,5 +221,21 @@ mod tests {
         let mut d = [0u8];
         s.read(0, &mut d);
         assert_eq!(d[0], b'x');
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let mut s = SerialDevice::new(IrqLine::new().unwrap(), Box::new(std::io::sink()));
+        s.write(3, &[0x83]); // DLAB on
+        s.write(0, &[0x0c]);
+        s.write(3, &[0x03]);
+        s.write(1, &[0x01]);
+        s.enqueue_input(b"ab");
+        let snap = s.snapshot();
+        let r = SerialDevice::from_snapshot(&snap, IrqLine::new().unwrap(), Box::new(std::io::sink()))
+            .unwrap();
+        assert_eq!(r.snapshot(), snap);
+        assert_eq!(snap.in_buffer, b"ab");
+        assert_eq!(snap.baud_divisor_low, 0x0c);
     }
 }

@@ -345,15 +345,78 @@ impl Disk {
         self.access.flush()?;
         self.access.sync()
     }
+
+    /// Switches to `new_top`, a pre-created empty overlay whose backing file
+    /// is this disk's top layer: from here on writes land in `new_top` and
+    /// the old top is only read. The old top's cached metadata is written to
+    /// its file first (its fsync can come later: nothing writes it any
+    /// more). Cheap enough to run while the guest is paused: the old layer
+    /// stays open and becomes the new layer's backing as it is.
+    pub fn fork(self, new_top: &Path) -> Result<Disk, DiskError> {
+        let Disk {
+            access,
+            mut chain,
+            readonly,
+        } = self;
+        let old = chain[0].path.clone();
+        access.flush().map_err(|source| DiskError::Open {
+            path: old.clone(),
+            source,
+        })?;
+        let file = open_file(new_top, !readonly)?;
+        let access = Qcow2::<File>::builder(file)
+            .backing(Some(access))
+            .write(!readonly)
+            .open(DenyImplicitOpenGate::default())
+            .map(FormatAccess::new)
+            .map_err(|source| DiskError::BadQcow2 {
+                path: new_top.to_path_buf(),
+                source,
+            })?;
+        chain.insert(
+            0,
+            Layer {
+                path: new_top.to_path_buf(),
+                format: DiskFormat::Qcow2,
+            },
+        );
+        Ok(Disk {
+            access,
+            chain,
+            readonly,
+        })
+    }
+}
+
+/// Creates a qcow2 overlay at `new` over `backing` (of `format`, `size`
+/// bytes) without opening `backing`, which a running VM may be writing.
+pub fn create_overlay_sized(
+    backing: &Path,
+    format: DiskFormat,
+    size: u64,
+    new: &Path,
+) -> Result<(), DiskError> {
+    let create_err = |source| DiskError::Create {
+        path: new.to_path_buf(),
+        source,
+    };
+    let rel = relative_path(backing, new.parent().unwrap_or(Path::new(".")));
+    let file = File::create_open(StorageCreateOptions::new().filename(new).size(0))
+        .map_err(create_err)?;
+    Qcow2::<File>::create_builder(file)
+        .size(size)
+        .backing(rel.to_string_lossy().into_owned(), format.name().into())
+        .create()
+        .map_err(create_err)?;
+    std::fs::File::open(new)
+        .and_then(|f| f.sync_all())
+        .map_err(create_err)?;
+    Ok(())
 }
 
 /// Creates a qcow2 overlay at `new` whose backing file is `backing` (stored
 /// relative to `new`'s directory, with its format), of the same size.
 pub fn create_overlay(backing: &Path, new: &Path) -> Result<(), DiskError> {
-    let create_err = |source| DiskError::Create {
-        path: new.to_path_buf(),
-        source,
-    };
     let base = Disk::open(backing, true)?;
     let format = base.chain()[0].format;
     let size = base.size();
@@ -506,6 +569,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope.img"), "{e}");
+    }
+
+    #[test]
+    fn fork_moves_writes_to_the_new_layer() {
+        let t = Tmp::new("fork");
+        let base = t.0.join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let top = t.0.join("top.qcow2");
+        create_overlay(&base, &top).unwrap();
+        let d = Disk::open(&top, false).unwrap();
+        d.write_at(&[1; 512], 0).unwrap();
+        let next = t.0.join("next.qcow2");
+        create_overlay_sized(&top, DiskFormat::Qcow2, d.size(), &next).unwrap();
+        let d = d.fork(&next).unwrap();
+        assert_eq!(d.chain().len(), 3);
+        d.write_at(&[2; 512], 512).unwrap();
+        let mut b = [0u8; 1024];
+        d.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[..512], &[1; 512][..]);
+        assert_eq!(&b[512..], &[2; 512][..]);
+        d.flush().unwrap();
+        drop(d);
+        // The old top holds exactly what it had at the fork.
+        let old = Disk::open(&top, true).unwrap();
+        old.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[..512], &[1; 512][..]);
+        assert_eq!(&b[512..], &[0; 512][..]);
+        let new = Disk::open(&next, true).unwrap();
+        new.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[512..], &[2; 512][..]);
     }
 
     #[test]

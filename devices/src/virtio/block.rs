@@ -8,7 +8,8 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_queue::desc::split::Descriptor;
@@ -17,7 +18,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::VirtioDevice;
-use super::VirtioInterrupt;
+use super::{QueueSnapshot, VirtioInterrupt};
 
 /// Virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -209,16 +210,25 @@ impl RequestHandler {
     }
 }
 
+/// The queue a worker serves, shared with the device for quiescing.
+struct Active {
+    queue: Mutex<Queue>,
+    paused: AtomicBool,
+    resumed: Condvar,
+}
+
 struct Worker {
     thread: JoinHandle<()>,
     kill: EventFd,
+    active: Arc<Active>,
+    notify: EventFd,
 }
 
 /// A virtio-blk device.
 pub struct Block {
     handler: Arc<RequestHandler>,
     readonly: bool,
-    worker: Mutex<Option<Worker>>,
+    worker: Option<Worker>,
 }
 
 impl Block {
@@ -227,13 +237,14 @@ impl Block {
         Self {
             handler: Arc::new(RequestHandler::new(backend, readonly, id)),
             readonly,
-            worker: Mutex::new(None),
+            worker: None,
         }
     }
 
     fn stop_worker(&mut self) {
-        let w = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(w) = w {
+        if let Some(w) = self.worker.take() {
+            w.active.paused.store(false, Ordering::SeqCst);
+            w.active.resumed.notify_all();
             let _ = w.kill.write(1);
             let _ = w.thread.join();
         }
@@ -264,6 +275,39 @@ fn wait_readable(fds: &[i32]) -> io::Result<Vec<bool>> {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
+        }
+    }
+}
+
+fn worker_loop(
+    handler: Arc<RequestHandler>,
+    active: Arc<Active>,
+    mem: GuestMemoryMmap,
+    notify: EventFd,
+    kill: EventFd,
+    irq: Arc<VirtioInterrupt>,
+) {
+    loop {
+        let ready = match wait_readable(&[notify.as_raw_fd(), kill.as_raw_fd()]) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("virtio-blk worker: {e}");
+                return;
+            }
+        };
+        if ready[1] {
+            return;
+        }
+        let _ = notify.read();
+        let mut q = active.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while active.paused.load(Ordering::SeqCst) {
+            q = active.resumed.wait(q).unwrap_or_else(|e| e.into_inner());
+            if kill.read().is_ok() {
+                return;
+            }
+        }
+        if handler.process_queue(&mut q, &mem) {
+            irq.signal_used_queue();
         }
     }
 }
@@ -307,7 +351,7 @@ impl VirtioDevice for Block {
         irq: Arc<VirtioInterrupt>,
     ) -> io::Result<()> {
         self.stop_worker();
-        let mut queue = queues
+        let queue = queues
             .into_iter()
             .next()
             .ok_or_else(|| io::Error::other("virtio-blk needs one queue"))?;
@@ -316,32 +360,50 @@ impl VirtioDevice for Block {
             .next()
             .ok_or_else(|| io::Error::other("virtio-blk needs one notifier"))?;
         let kill = EventFd::new(EFD_NONBLOCK)?;
-        let kill2 = kill.try_clone()?;
-        let handler = self.handler.clone();
+        let active = Arc::new(Active {
+            queue: Mutex::new(queue),
+            paused: AtomicBool::new(false),
+            resumed: Condvar::new(),
+        });
+        let (handler, a, n, k) = (
+            self.handler.clone(),
+            active.clone(),
+            notify.try_clone()?,
+            kill.try_clone()?,
+        );
         let thread = std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || loop {
-                let ready = match wait_readable(&[notify.as_raw_fd(), kill2.as_raw_fd()]) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!("virtio-blk worker: {e}");
-                        return;
-                    }
-                };
-                if ready[1] {
-                    return;
-                }
-                let _ = notify.read();
-                if handler.process_queue(&mut queue, &mem) {
-                    irq.signal_used_queue();
-                }
-            })?;
-        *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(Worker { thread, kill });
+            .spawn(move || worker_loop(handler, a, mem, n, k, irq))?;
+        self.worker = Some(Worker {
+            thread,
+            kill,
+            active,
+            notify,
+        });
         Ok(())
     }
 
     fn reset(&mut self) {
         self.stop_worker();
+    }
+
+    fn quiesce(&mut self) -> Vec<QueueSnapshot> {
+        let Some(w) = &self.worker else {
+            return vec![];
+        };
+        w.active.paused.store(true, Ordering::SeqCst);
+        // Taking the lock waits for the request batch in flight.
+        let q = w.active.queue.lock().unwrap_or_else(|e| e.into_inner());
+        vec![q.state().into()]
+    }
+
+    fn unquiesce(&mut self) {
+        if let Some(w) = &self.worker {
+            w.active.paused.store(false, Ordering::SeqCst);
+            w.active.resumed.notify_all();
+            // Requests queued while quiesced.
+            let _ = w.notify.write(1);
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{QueueSnapshot, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 /// Size of a virtio-mmio device's register window.
@@ -48,6 +48,34 @@ pub trait VirtioDevice: Send {
     ) -> std::io::Result<()>;
     /// Stops serving (driver reset); the transport forgets its queues.
     fn reset(&mut self);
+    /// Finishes in-flight requests and serves no new ones until
+    /// [`VirtioDevice::unquiesce`]; returns the queues' states.
+    fn quiesce(&mut self) -> Vec<QueueSnapshot>;
+    /// Serves requests again (including any that arrived meanwhile).
+    fn unquiesce(&mut self);
+}
+
+/// The transport's registers and queues, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    /// Device status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// Pending interrupt bits.
+    pub interrupt_status: u32,
+    /// Whether the device was activated (DRIVER_OK).
+    pub activated: bool,
+    /// Queue states.
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// The MMIO transport around one device.
@@ -105,6 +133,75 @@ impl MmioTransport {
     /// The interrupt.
     pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
         &self.irq
+    }
+
+    /// Quiesces the device and returns the transport's state. Call
+    /// [`MmioTransport::unquiesce`] when done.
+    pub fn quiesce(&mut self) -> TransportSnapshot {
+        let queues = if self.activated {
+            self.device.quiesce()
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        TransportSnapshot {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status(),
+            activated: self.activated,
+            queues,
+        }
+    }
+
+    /// Lets a quiesced device serve requests again.
+    pub fn unquiesce(&mut self) {
+        if self.activated {
+            self.device.unquiesce();
+        }
+    }
+
+    /// Restores a freshly created transport to a snapshot's state; an
+    /// activated device starts serving (and picks up requests the guest
+    /// queued before the snapshot).
+    pub fn restore(&mut self, snap: &TransportSnapshot) -> std::io::Result<()> {
+        self.status = snap.status;
+        self.device_features_sel = snap.device_features_sel;
+        self.driver_features_sel = snap.driver_features_sel;
+        self.driver_features = snap.driver_features;
+        self.queue_sel = snap.queue_sel;
+        self.config_generation = snap.config_generation;
+        self.irq.set_status(snap.interrupt_status);
+        let mut queues = Vec::new();
+        for q in &snap.queues {
+            queues.push(
+                Queue::try_from(virtio_queue::QueueState::from(*q))
+                    .map_err(|e| std::io::Error::other(format!("invalid queue state: {e:?}")))?,
+            );
+        }
+        if snap.activated {
+            let notify: Vec<EventFd> = self
+                .notify
+                .iter()
+                .map(|e| e.try_clone())
+                .collect::<std::io::Result<_>>()?;
+            self.device.activate(
+                self.mem.clone(),
+                self.driver_features,
+                queues,
+                notify,
+                self.irq.clone(),
+            )?;
+            self.activated = true;
+            for e in &self.notify {
+                e.write(1)?;
+            }
+        } else {
+            self.queues = queues;
+        }
+        Ok(())
     }
 
     fn offered_features(&self) -> u64 {

@@ -5,6 +5,8 @@ pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use virtio_queue::QueueState;
+
 use vm_superio::Trigger;
 
 use crate::irq::IrqLine;
@@ -53,5 +55,67 @@ impl VirtioInterrupt {
     /// The line (to register with KVM).
     pub fn line(&self) -> &IrqLine {
         &self.line
+    }
+}
+
+/// A virtqueue's configuration and ring positions, as saved in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Maximum size offered.
+    pub max_size: u16,
+    /// Next available-ring index the device will read.
+    pub next_avail: u16,
+    /// Next used-ring index the device will write.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+    /// Size chosen by the driver.
+    pub size: u16,
+    /// Queue enabled by the driver.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl VirtioInterrupt {
+    /// Restores the pending interrupt bits (after a snapshot restore).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 }
