@@ -421,19 +421,7 @@ pub fn create_overlay(backing: &Path, new: &Path) -> Result<(), DiskError> {
     let format = base.chain()[0].format;
     let size = base.size();
     drop(base);
-    let rel = relative_path(backing, new.parent().unwrap_or(Path::new(".")));
-    let file =
-        File::create_open(StorageCreateOptions::new().filename(new).size(0)).map_err(create_err)?;
-    Qcow2::<File>::create_builder(file)
-        .size(size)
-        .backing(rel.to_string_lossy().into_owned(), format.name().into())
-        .create()
-        .map_err(create_err)?;
-    // Durable before anyone points at it.
-    std::fs::File::open(new)
-        .and_then(|f| f.sync_all())
-        .map_err(create_err)?;
-    Ok(())
+    create_overlay_sized(backing, format, size, new)
 }
 
 /// Creates a new empty qcow2 image of `size` bytes with no backing file.
