@@ -50,6 +50,10 @@ pub trait ApiBackend: Send + Sync {
     fn set_state(&self, target: &str) -> Result<Value, ApiError>;
     /// The job table.
     fn jobs(&self) -> &Arc<Jobs>;
+    /// POST /snapshots: starts a snapshot job; returns `{"job": id}`.
+    fn create_snapshot(&self, name: Option<String>, description: String) -> Result<Value, ApiError>;
+    /// GET /snapshots: the snapshot tree.
+    fn snapshots(&self) -> Result<Value, ApiError>;
 }
 
 /// Binds the API socket with mode 0600 (removing a stale one).
@@ -105,6 +109,20 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
             Ok((200, backend.set_state(target)?))
         }
         (["jobs"], Method::Get) => Ok((200, json!(backend.jobs().list()))),
+        (["snapshots"], Method::Get) => Ok((200, backend.snapshots()?)),
+        (["snapshots"], Method::Post) => {
+            let body = read_json(req)?;
+            let text = |k: &str| -> Result<Option<String>, ApiError> {
+                match body.get(k) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(_) => Err(ApiError::BadRequest(format!("'{k}' must be a string"))),
+                }
+            };
+            let name = text("name")?;
+            let description = text("description")?.unwrap_or_default();
+            Ok((202, backend.create_snapshot(name, description)?))
+        }
         (["jobs", id], Method::Get) => backend
             .jobs()
             .get(id)

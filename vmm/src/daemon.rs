@@ -49,6 +49,9 @@ pub enum DaemonError {
     /// The event loop failed.
     #[error(transparent)]
     Run(#[from] RunError),
+    /// The snapshot to restore is unusable.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshots::SnapshotError),
 }
 
 /// Power state of a running VMM.
@@ -71,11 +74,11 @@ impl Power {
 
 /// What the API acts on.
 pub struct Controller {
-    vm: Mutex<Vm>,
+    vm: Arc<Mutex<Vm>>,
     power: Mutex<Power>,
     started: Instant,
     dir: VmDir,
-    toml: VmToml,
+    toml: Arc<Mutex<VmToml>>,
     jobs: Arc<Jobs>,
     stop_evt: EventFd,
     stopping: AtomicBool,
@@ -85,7 +88,21 @@ impl Controller {
     fn power(&self) -> Power {
         *self.power.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn toml(&self) -> VmToml {
+        self.toml.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for running jobs (they may read guest memory) to end.
+    fn wait_jobs(&self) {
+        while self.jobs.running(&[SNAPSHOT_JOB]).is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
+
+/// Kind of the live snapshot job.
+pub const SNAPSHOT_JOB: &str = "snapshot-create";
 
 /// The layers of every disk, top first.
 pub fn disk_status(dir: &VmDir, toml: &VmToml) -> Value {
@@ -115,15 +132,16 @@ impl ApiBackend for Controller {
         } else {
             self.power().name()
         };
+        let toml = self.toml();
         json!({
-            "name": self.toml.name,
+            "name": toml.name,
             "vmdir": self.dir.root(),
             "state": state,
             "pid": std::process::id(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
-            "memory_bytes": crate::config::parse_size(&self.toml.memory).unwrap_or(0),
-            "vcpus": self.toml.vcpus,
-            "disks": disk_status(&self.dir, &self.toml),
+            "memory_bytes": crate::config::parse_size(&toml.memory).unwrap_or(0),
+            "vcpus": toml.vcpus,
+            "disks": disk_status(&self.dir, &toml),
         })
     }
 
@@ -153,6 +171,12 @@ impl ApiBackend for Controller {
             }
             ("stopped", _) => {
                 drop(power);
+                if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB]) {
+                    return Err(ApiError::Conflict(format!(
+                        "snapshot job {} is running; stop after it ends (or stop --force)",
+                        j.id
+                    )));
+                }
                 self.stopping.store(true, Ordering::SeqCst);
                 let _ = self.stop_evt.write(1);
                 tracing::info!("stop requested through the API");
@@ -166,6 +190,38 @@ impl ApiBackend for Controller {
 
     fn jobs(&self) -> &Arc<Jobs> {
         &self.jobs
+    }
+
+    fn create_snapshot(&self, name: Option<String>, description: String) -> Result<Value, ApiError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::Conflict("the VM is stopping".into()));
+        }
+        if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB]) {
+            return Err(ApiError::Conflict(format!("snapshot job {} is still running", j.id)));
+        }
+        let running = self.power() == Power::Running;
+        let (vm, dir, toml) = (self.vm.clone(), self.dir.clone(), self.toml.clone());
+        let opts = crate::snapshots::CreateOptions { name, description };
+        let id = self.jobs.spawn(SNAPSHOT_JOB, move |job| {
+            crate::snapshots::create_live(&vm, &dir, &toml, running, &opts, job)
+                .map(|r| {
+                    tracing::info!(
+                        "snapshot {} taken: paused {} us, {} bytes of memory",
+                        r.snapshot.id,
+                        r.snapshot.pause_us.unwrap_or(0),
+                        r.snapshot.memory_bytes
+                    );
+                    json!(r)
+                })
+                .map_err(|e| e.to_string())
+        });
+        Ok(json!({ "job": id }))
+    }
+
+    fn snapshots(&self) -> Result<Value, ApiError> {
+        snapshot::tree::Tree::load(&crate::snapshots::tree_path(&self.dir))
+            .map(|t| json!(t))
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 }
 
@@ -219,8 +275,9 @@ pub fn is_running(dir: &VmDir) -> bool {
     rc != 0
 }
 
-/// Runs the VMM of `root` until the VM stops. Returns how it ended.
-pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
+/// Runs the VMM of `root` until the VM stops. Returns how it ended. With
+/// `from`, the VM continues from that snapshot instead of booting.
+pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, DaemonError> {
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
     let dir = VmDir::open(root)?;
@@ -243,14 +300,41 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
         .map_err(io_err("write", &dir.pid_file()))?;
 
     let toml = dir.load()?;
-    let config = dir.vm_config(&toml)?;
+    for id in crate::snapshots::clean_leftovers(&dir, &toml) {
+        tracing::warn!("cleaned up the incomplete snapshot {id}");
+    }
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.serial_log())
         .map_err(io_err("open", &dir.serial_log()))?;
     let hub = ConsoleHub::new(Some(log));
-    let mut vm = Vm::create(&config, Box::new(hub.clone()))?;
+    let (mut vm, toml, paused) = match from {
+        None => (Vm::create(&dir.vm_config(&toml)?, Box::new(hub.clone()))?, toml, paused),
+        Some(reference) => {
+            let prepared = crate::snapshots::prepare_restore(&dir, reference)?;
+            let Some(state) = &prepared.state else {
+                prepared.rollback(&dir);
+                return Err(crate::snapshots::SnapshotError::NoMemory(prepared.snapshot.id.clone()).into());
+            };
+            let toml = dir.load()?;
+            let restored = dir
+                .vm_config(&toml)
+                .map_err(DaemonError::from)
+                .and_then(|c| Ok(Vm::restore(&c, Box::new(hub.clone()), state, &prepared.memory)?));
+            match restored {
+                Ok(vm) => {
+                    tracing::info!("restored snapshot {} ({})", prepared.snapshot.id, prepared.snapshot.name);
+                    let was_paused = prepared.snapshot.power_state == snapshot::tree::PowerState::Paused;
+                    (vm, toml, paused || was_paused)
+                }
+                Err(e) => {
+                    prepared.rollback(&dir);
+                    return Err(e);
+                }
+            }
+        }
+    };
     let console =
         console::bind(&dir.console_socket()).map_err(io_err("bind", &dir.console_socket()))?;
     let serial = vm.serial();
@@ -260,7 +344,7 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
     vm.start(paused)?;
     let vm_stop_fd = vm.stop_eventfd().as_raw_fd();
     let controller = Arc::new(Controller {
-        vm: Mutex::new(vm),
+        vm: Arc::new(Mutex::new(vm)),
         power: Mutex::new(if paused {
             Power::Paused
         } else {
@@ -268,7 +352,7 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
         }),
         started: Instant::now(),
         dir: dir.clone(),
-        toml,
+        toml: Arc::new(Mutex::new(toml)),
         jobs: Jobs::new(),
         stop_evt: EventFd::new(EFD_NONBLOCK).map_err(io_err("create", Path::new("eventfd")))?,
         stopping: AtomicBool::new(false),
@@ -279,12 +363,14 @@ pub fn run(root: &Path, paused: bool) -> Result<Outcome, DaemonError> {
     std::thread::spawn(move || api_server::serve(&srv, &*ctl));
     tracing::info!(
         "VM {} started ({})",
-        controller.toml.name,
+        controller.toml().name,
         controller.power().name()
     );
 
     let sig = event_loop(vec![vm_stop_fd, controller.stop_evt.as_raw_fd()], vec![])?;
     controller.stopping.store(true, Ordering::SeqCst);
+    // A snapshot streaming guest memory finishes before the memory goes.
+    controller.wait_jobs();
     let outcome = {
         let mut vm = controller.vm.lock().unwrap_or_else(|e| e.into_inner());
         vm.stop();

@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use crate::api_client::{self, ClientError};
 use crate::console::DETACH_KEY;
 use crate::daemon::{disk_status, is_running};
+use crate::snapshots::{CreateOptions, SnapshotError};
 use crate::vmdir::{VmDir, VmDirError};
+use snapshot::tree::{PowerState, Tree};
 
 /// How long `start` and `stop` wait for the VMM.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -40,6 +42,12 @@ pub enum LifecycleError {
     /// The VMM did not go away.
     #[error("the VMM of {0} did not stop within 60 s; use `snapvm stop --force`")]
     StopTimeout(PathBuf),
+    /// A snapshot operation failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A job failed.
+    #[error("{0}")]
+    JobFailed(String),
     /// Local I/O failed.
     #[error("{what}: {source}")]
     Io {
@@ -79,6 +87,12 @@ fn startup_errors(log: &Path, from: u64) -> Vec<String> {
 /// Starts the VMM of `root` in the background; returns its status once the
 /// guest runs (or is paused, with `paused`).
 pub fn start(root: &Path, paused: bool) -> Result<Value, LifecycleError> {
+    start_from(root, paused, None)
+}
+
+/// [`start`], continuing from snapshot `from` when given. A snapshot taken
+/// powered off only sets configuration and disks: the VM stays off.
+pub fn start_from(root: &Path, paused: bool, from: Option<&str>) -> Result<Value, LifecycleError> {
     let dir = VmDir::open(root)?;
     dir.load()?;
     dir.check_socket_paths()?;
@@ -87,6 +101,14 @@ pub fn start(root: &Path, paused: bool) -> Result<Value, LifecycleError> {
             dir.root().to_path_buf(),
             pid_of(&dir),
         ));
+    }
+    if let Some(reference) = from {
+        let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
+        let snap = tree.resolve(reference).map_err(SnapshotError::from)?;
+        if snap.power_state == PowerState::Off {
+            crate::snapshots::prepare_restore(&dir, &snap.id)?;
+            return status(root);
+        }
     }
     std::fs::create_dir_all(dir.logs_dir()).map_err(io("cannot create logs/"))?;
     let log_path = dir.vmm_log();
@@ -101,6 +123,9 @@ pub fn start(root: &Path, paused: bool) -> Result<Value, LifecycleError> {
     cmd.arg("__vmm").arg(dir.root());
     if paused {
         cmd.arg("--paused");
+    }
+    if let Some(f) = from {
+        cmd.arg("--from").arg(f);
     }
     let mut child = cmd
         .stdin(Stdio::null())
@@ -395,5 +420,111 @@ pub fn console(root: &Path) -> Result<(), LifecycleError> {
     let _ = to_vm.shutdown(std::net::Shutdown::Both);
     drop(_raw);
     eprintln!("\r\nsnapvm: detached");
+    Ok(())
+}
+
+/// Follows job `id` until it ends: a progress bar on a terminal, a line
+/// every second otherwise. Returns the job's result.
+pub fn wait_job(socket: &Path, id: &str, what: &str) -> Result<Value, LifecycleError> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.set_message(what.to_string());
+        b
+    });
+    let mut last_line = Instant::now();
+    loop {
+        let j = api_client::request(socket, "GET", &format!("/jobs/{id}"), None)?;
+        let (done, total) = (j["done"].as_u64().unwrap_or(0), j["total"].as_u64().unwrap_or(0));
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        } else if last_line.elapsed() >= Duration::from_secs(1) {
+            let pct = if total > 0 { done * 100 / total } else { 0 };
+            eprintln!("{what}: {pct}% ({} of {} MiB)", done >> 20, total >> 20);
+            last_line = Instant::now();
+        }
+        match j["state"].as_str() {
+            Some("succeeded") => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return Ok(j["result"].clone());
+            }
+            Some("failed") => {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                return Err(LifecycleError::JobFailed(
+                    j["error"].as_str().unwrap_or("the job failed").to_string(),
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `snapvm snapshot create`.
+pub fn snapshot_create(
+    root: &Path,
+    name: Option<String>,
+    description: String,
+    no_wait: bool,
+) -> Result<(), LifecycleError> {
+    let dir = VmDir::open(root)?;
+    if !is_running(&dir) {
+        let m = crate::snapshots::create_off(&dir, &CreateOptions { name, description })?;
+        println!("snapshot {} \"{}\" taken (VM off: configuration and disks)", m.id, m.name);
+        return Ok(());
+    }
+    let job = api_client::request(
+        &dir.api_socket(),
+        "POST",
+        "/snapshots",
+        Some(&json!({ "name": name, "description": description })),
+    )?;
+    let id = job["job"].as_str().unwrap_or_default().to_string();
+    if no_wait {
+        println!("{id}");
+        return Ok(());
+    }
+    let r = wait_job(&dir.api_socket(), &id, "snapshot")?;
+    let s = &r["snapshot"];
+    println!(
+        "snapshot {} \"{}\" taken: paused {} us, wrote {} MiB of memory in {} ms",
+        s["id"].as_str().unwrap_or("?"),
+        s["name"].as_str().unwrap_or("?"),
+        s["pause_us"],
+        s["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+        s["duration_ms"]
+    );
+    Ok(())
+}
+
+/// `snapvm snapshot list` (flat; the tree view comes with snapshot apply).
+pub fn snapshot_list(root: &Path, json_out: bool) -> Result<(), LifecycleError> {
+    let dir = VmDir::open(root)?;
+    let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&tree).unwrap_or_default());
+        return Ok(());
+    }
+    println!("{:<36}  {:<8} {:>10}  NAME", "ID", "STATE", "PAUSE us");
+    for s in &tree.snapshots {
+        let now = if tree.now.as_deref() == Some(s.id.as_str()) { "  <- Now" } else { "" };
+        println!(
+            "{:<36}  {:<8} {:>10}  {}{now}",
+            s.id,
+            format!("{:?}", s.power_state).to_lowercase(),
+            s.pause_us.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            s.name
+        );
+    }
     Ok(())
 }

@@ -43,7 +43,15 @@ enum Command {
         /// Create the VM but leave its vCPUs paused.
         #[arg(long)]
         paused: bool,
+        /// Continue from this snapshot (id, unique id prefix or unique name)
+        /// instead of booting: its memory, vCPU and device state, its
+        /// configuration, and new empty disk layers over its disk layers.
+        #[arg(long, value_name = "SNAPSHOT")]
+        from: Option<String>,
     },
+    /// Snapshots: take, list.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Stop the VM (its running state is discarded; disks are flushed).
     Stop {
         /// The VM directory.
@@ -92,6 +100,37 @@ enum Command {
         /// Leave the vCPUs paused.
         #[arg(long)]
         paused: bool,
+        /// Continue from a snapshot.
+        #[arg(long)]
+        from: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot. A running VM pauses only for a moment and keeps
+    /// running while its memory is written out; a paused VM stays paused; a
+    /// VM that is off gets a configuration-and-disks snapshot.
+    Create {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Name (default: the VM's name and the time).
+        #[arg(long)]
+        name: Option<String>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print the job id and return at once (running VMs).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List the snapshots.
+    List {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Print JSON (the tree).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -325,16 +364,37 @@ fn lifecycle(cmd: Command) -> ExitCode {
                 .map(|d| println!("created VM directory {}", d.root().display()))
                 .map_err(|e| e.to_string())
         }
-        Command::Start { vmdir, paused } => lifecycle::start(&vmdir, paused)
+        Command::Start {
+            vmdir,
+            paused,
+            from,
+        } => lifecycle::start_from(&vmdir, paused, from.as_deref())
             .map(|v| {
-                println!(
-                    "started {} ({}, pid {})",
-                    v["name"].as_str().unwrap_or("?"),
-                    v["state"].as_str().unwrap_or("?"),
-                    v["pid"]
-                )
+                if v["state"] == "stopped" {
+                    println!(
+                        "{} now continues from snapshot {} taken powered off: the VM is off",
+                        v["name"].as_str().unwrap_or("?"),
+                        from.as_deref().unwrap_or("?")
+                    );
+                } else {
+                    println!(
+                        "started {} ({}, pid {})",
+                        v["name"].as_str().unwrap_or("?"),
+                        v["state"].as_str().unwrap_or("?"),
+                        v["pid"]
+                    )
+                }
             })
             .map_err(|e| e.to_string()),
+        Command::Snapshot(SnapshotCommand::Create {
+            vmdir,
+            name,
+            description,
+            no_wait,
+        }) => lifecycle::snapshot_create(&vmdir, name, description, no_wait).map_err(|e| e.to_string()),
+        Command::Snapshot(SnapshotCommand::List { vmdir, json }) => {
+            lifecycle::snapshot_list(&vmdir, json).map_err(|e| e.to_string())
+        }
         Command::Stop { vmdir, force } => lifecycle::stop(&vmdir, force)
             .map(|()| println!("stopped {}", vmdir.display()))
             .map_err(|e| e.to_string()),
@@ -375,7 +435,11 @@ fn lifecycle(cmd: Command) -> ExitCode {
                 })
                 .map_err(|e| e.to_string())
         }
-        Command::Vmm { vmdir, paused } => match vmm::daemon::run(&vmdir, paused) {
+        Command::Vmm {
+            vmdir,
+            paused,
+            from,
+        } => match vmm::daemon::run(&vmdir, paused, from.as_deref()) {
             Ok(outcome) => {
                 return ExitCode::from(outcome.exit_code().clamp(0, 255) as u8);
             }

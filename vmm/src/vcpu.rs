@@ -14,6 +14,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::BootState;
 use crate::memory::GuestRam;
+use crate::vcpu_state::{self, VcpuState, VcpuStateError};
 
 /// Errors configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +301,8 @@ struct ControlState {
     requested: Requested,
     parked: usize,
     exited: usize,
+    save_seq: u64,
+    saved: Vec<Option<Result<VcpuState, VcpuStateError>>>,
 }
 
 /// Shared run control for all vCPU threads.
@@ -309,13 +312,15 @@ pub struct VcpuControl {
 }
 
 impl VcpuControl {
-    /// Starts in `initial` state.
-    pub fn new(initial: Requested) -> Self {
+    /// Starts in `initial` state, for `vcpus` vCPUs.
+    pub fn new(initial: Requested, vcpus: usize) -> Self {
         Self {
             state: Mutex::new(ControlState {
                 requested: initial,
                 parked: 0,
                 exited: 0,
+                save_seq: 0,
+                saved: (0..vcpus).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
         }
@@ -339,9 +344,31 @@ impl VcpuControl {
         }
     }
 
-    /// Called by a vCPU thread before each KVM_RUN: parks while paused;
-    /// returns false when the thread must stop.
-    fn checkpoint(&self) -> bool {
+    /// Has every parked vCPU save its state (the vCPUs must be paused).
+    pub fn save_all(&self, count: usize) -> Result<Vec<VcpuState>, VcpuStateError> {
+        let mut g = self.lock();
+        for s in g.saved.iter_mut() {
+            *s = None;
+        }
+        g.save_seq += 1;
+        self.cv.notify_all();
+        while g.saved.iter().take(count).any(Option::is_none) {
+            if g.exited > 0 {
+                return Err(VcpuStateError {
+                    vcpu: 0,
+                    op: "save",
+                    what: "state",
+                    message: "a vCPU thread has exited".into(),
+                });
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.saved.iter_mut().take(count).map(|s| s.take().expect("checked above")).collect()
+    }
+
+    /// Called by a vCPU thread before each KVM_RUN: parks while paused
+    /// (saving its state when asked); returns false when it must stop.
+    fn checkpoint(&self, index: u8, fd: &VcpuFd, msrs: &[u32], seen: &mut u64) -> bool {
         let mut g = self.lock();
         loop {
             match g.requested {
@@ -351,6 +378,15 @@ impl VcpuControl {
                     g.parked += 1;
                     self.cv.notify_all();
                     while g.requested == Requested::Pause {
+                        if g.save_seq != *seen {
+                            *seen = g.save_seq;
+                            let r = vcpu_state::save(index, fd, msrs);
+                            if let Some(slot) = g.saved.get_mut(index as usize) {
+                                *slot = Some(r);
+                            }
+                            self.cv.notify_all();
+                            continue;
+                        }
                         g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
                     }
                     g.parked -= 1;
@@ -397,6 +433,8 @@ pub struct VcpuContext {
     pub control: Arc<VcpuControl>,
     /// Stop reporting.
     pub sink: Arc<StopSink>,
+    /// MSRs saved in snapshots (KVM_GET_MSR_INDEX_LIST).
+    pub msrs: Arc<Vec<u32>>,
 }
 
 /// A running vCPU thread.
@@ -446,7 +484,8 @@ enum Next {
 
 fn run_loop(index: u8, fd: &mut VcpuFd, ctx: &VcpuContext) {
     KVM_RUN_PTR.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
-    while ctx.control.checkpoint() {
+    let mut seen = 0;
+    while ctx.control.checkpoint(index, fd, &ctx.msrs, &mut seen) {
         let next = match fd.run() {
             Ok(exit) => handle_exit(index, exit, ctx),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

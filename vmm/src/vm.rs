@@ -18,7 +18,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use devices::serial::SerialSnapshot;
+use devices::virtio::mmio::TransportSnapshot;
+use serde::{Deserialize, Serialize};
 use snapshot::disk::{Disk, DiskError};
+use snapshot::live::{GuestRegion, Tracker};
+use snapshot::memory_file::{MemoryFile, MemoryFileError, CHUNK_SIZE};
 use snapshot::write_protect::{HostRange, WriteProtectError, WriteProtector};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -33,6 +38,8 @@ use crate::layout::{
     VIRTIO_MMIO_STRIDE,
 };
 use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu_state::{VcpuState, VcpuStateError};
+use crate::vm_state::{VmState, VmStateError};
 use crate::vcpu::{
     self, Requested, StopSink, VcpuContext, VcpuControl, VcpuError, VcpuFailure, VcpuHandle,
 };
@@ -91,6 +98,18 @@ pub enum VmError {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// vCPU state could not be saved or restored.
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
+    /// VM state could not be saved or restored.
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
+    /// memory.bin is unusable.
+    #[error(transparent)]
+    MemoryFile(#[from] MemoryFileError),
+    /// A snapshot's state does not fit this VM.
+    #[error("snapshot state does not fit the VM: {0}")]
+    StateMismatch(String),
     /// A device could not be created.
     #[error("cannot create {what}: {source}")]
     Device {
@@ -99,6 +118,21 @@ pub enum VmError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// Everything of a paused VM except guest memory: what state.bin holds.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    /// Per-vCPU state, in vCPU order.
+    pub vcpus: Vec<VcpuState>,
+    /// Irqchips, PIT, kvmclock.
+    pub vm: VmState,
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// virtio-blk transports, in disk order.
+    pub disks: Vec<TransportSnapshot>,
+    /// Guest RAM layout (guest-physical start, size).
+    pub memory: Vec<(u64, u64)>,
 }
 
 /// How a VM run ended.
@@ -144,11 +178,14 @@ pub struct Vm {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    disk_backends: Vec<Arc<DiskBackend>>,
     handles: Vec<VcpuHandle>,
     pending_vcpus: Vec<VcpuFd>,
     control: Arc<VcpuControl>,
     sink: Arc<StopSink>,
-    write_protector: WriteProtector,
+    tracker: Tracker,
+    msrs: Arc<Vec<u32>>,
     vm_fd: VmFd,
     ram: Arc<GuestRam>,
     config: VmConfig,
@@ -214,12 +251,47 @@ fn initrd_placement(
 }
 
 impl Vm {
-    /// Creates the VM described by `config`, boots nothing yet.
-    /// Guest console output goes to `serial_out`.
+    /// Creates the VM described by `config` with its kernel loaded; the
+    /// vCPUs start with [`Vm::start`]. Guest console output goes to
+    /// `serial_out`.
     pub fn create(config: &VmConfig, serial_out: SerialOutput) -> Result<Self, VmError> {
+        Self::build(config, serial_out, None)
+    }
+
+    /// Creates the VM of a snapshot: `state` (from state.bin) and guest
+    /// memory from `memory` (memory.bin, verified chunk by chunk). The disks
+    /// of `config` must be new working layers over the snapshot's layers.
+    pub fn restore(
+        config: &VmConfig,
+        serial_out: SerialOutput,
+        state: &MachineState,
+        memory: &Path,
+    ) -> Result<Self, VmError> {
+        Self::build(config, serial_out, Some((state, memory)))
+    }
+
+    fn build(
+        config: &VmConfig,
+        serial_out: SerialOutput,
+        restore: Option<(&MachineState, &Path)>,
+    ) -> Result<Self, VmError> {
         config.validate()?;
-        let format = boot::detect_format(&config.kernel)?;
-        if let Some(initrd) = &config.initrd {
+        let format = match restore {
+            None => Some(boot::detect_format(&config.kernel)?),
+            Some((state, _)) => {
+                if state.vcpus.len() != config.vcpus as usize || state.disks.len() != config.disks.len() {
+                    return Err(VmError::StateMismatch(format!(
+                        "{} vCPUs and {} disks saved, {} and {} configured",
+                        state.vcpus.len(),
+                        state.disks.len(),
+                        config.vcpus,
+                        config.disks.len()
+                    )));
+                }
+                None
+            }
+        };
+        if let (Some(initrd), None) = (&config.initrd, restore) {
             std::fs::metadata(initrd).map_err(|source| BootError::ReadInitrd {
                 path: initrd.clone(),
                 source,
@@ -272,7 +344,34 @@ impl Vm {
                 len: region.len() as usize,
             });
         }
-        let write_protector = WriteProtector::new(&host_ranges)?;
+        let write_protector = Arc::new(WriteProtector::new(&host_ranges)?);
+        let tracker = Tracker::new(
+            write_protector,
+            ram.memory()
+                .iter()
+                .map(|r| GuestRegion {
+                    gpa: r.start_addr().0,
+                    host: r.as_ptr() as usize,
+                    len: r.len() as usize,
+                })
+                .collect(),
+        );
+        let regions: Vec<(u64, u64)> = ram.ranges().iter().map(|r| (r.start, r.size)).collect();
+        if let Some((state, memory)) = restore {
+            if state.memory != regions {
+                return Err(VmError::StateMismatch(format!(
+                    "memory layout {:?} saved, {:?} configured",
+                    state.memory, regions
+                )));
+            }
+            load_memory(&ram, memory, &regions)?;
+        }
+        let msrs = Arc::new(
+            kvm.get_msr_index_list()
+                .map_err(kvm_err("read KVM's MSR list"))?
+                .as_slice()
+                .to_vec(),
+        );
 
         let bus_err = |e: devices::bus::BusError| VmError::Device {
             what: "a device bus",
@@ -282,32 +381,39 @@ impl Vm {
         // Disks: virtio-mmio block devices, announced on the command line.
         let mut mmio_bus = Bus::new();
         let mut cmdline = config.cmdline.clone();
+        let mut transports = Vec::new();
+        let mut disk_backends = Vec::new();
         for (i, d) in config.disks.iter().enumerate() {
-            let disk = Disk::open(&d.path, d.readonly)?;
+            let disk = Arc::new(DiskBackend::new(Disk::open(&d.path, d.readonly)?));
+            disk_backends.push(disk.clone());
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE;
             let irq = VIRTIO_IRQ_BASE + i as u32;
             let line = IrqLine::new().map_err(dev_err("a virtio interrupt"))?;
             vm_fd
                 .register_irqfd(line.eventfd(), irq)
                 .map_err(kvm_err("connect a virtio interrupt"))?;
-            let block = Block::new(
-                Arc::new(DiskBackend(disk)),
-                d.readonly,
-                &format!("snapvm-disk{i}"),
-            );
+            let block = Block::new(disk, d.readonly, &format!("snapvm-disk{i}"));
             let transport = MmioTransport::new(
                 Box::new(block),
                 ram.memory().clone(),
                 Arc::new(VirtioInterrupt::new(line)),
             )
             .map_err(dev_err("a virtio-mmio transport"))?;
-            for (q, evt) in transport.notify_eventfds().iter().enumerate() {
+            let transport = Arc::new(Mutex::new(transport));
+            transports.push(transport.clone());
+            for (q, evt) in transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .notify_eventfds()
+                .iter()
+                .enumerate()
+            {
                 vm_fd
                     .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
                     .map_err(kvm_err("register a virtio queue notifier"))?;
             }
             mmio_bus
-                .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)
+                .insert(transport, base, MMIO_WINDOW)
                 .map_err(bus_err)?;
             cmdline.push_str(&format!(
                 " virtio_mmio.device={MMIO_WINDOW}@{base:#x}:{irq}"
@@ -324,14 +430,25 @@ impl Vm {
             None => None,
         };
         let boot_state = match format {
-            KernelFormat::Elf => {
-                boot::pvh::load(ram.memory(), &config.kernel, &cmdline, initrd, &map)?
-            }
-            KernelFormat::BzImage => {
-                boot::bzimage::load(ram.memory(), &config.kernel, &cmdline, initrd, &map)?
-            }
+            Some(KernelFormat::Elf) => Some(boot::pvh::load(
+                ram.memory(),
+                &config.kernel,
+                &cmdline,
+                initrd,
+                &map,
+            )?),
+            Some(KernelFormat::BzImage) => Some(boot::bzimage::load(
+                ram.memory(),
+                &config.kernel,
+                &cmdline,
+                initrd,
+                &map,
+            )?),
+            None => None,
         };
-        boot::mptable::setup_mptable(ram.memory(), config.vcpus)?;
+        if boot_state.is_some() {
+            boot::mptable::setup_mptable(ram.memory(), config.vcpus)?;
+        }
 
         // Legacy devices.
         let exit = Arc::new(ExitNotifier::new().map_err(dev_err("the exit notifier"))?);
@@ -339,7 +456,12 @@ impl Vm {
         vm_fd
             .register_irqfd(serial_irq.eventfd(), COM1_IRQ)
             .map_err(kvm_err("connect the serial interrupt"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        let serial = match restore {
+            None => SerialDevice::new(serial_irq, serial_out),
+            Some((state, _)) => SerialDevice::from_snapshot(&state.serial, serial_irq, serial_out)
+                .map_err(dev_err("the serial port from its snapshot"))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let mut io_bus = Bus::new();
         io_bus
             .insert(
@@ -372,20 +494,36 @@ impl Vm {
                 index,
                 &cpuid::for_vcpu(&supported, index, config.vcpus),
             )?;
-            if index == 0 {
-                vcpu::set_boot_state(&fd, &boot_state)?;
+            match (&boot_state, restore) {
+                (Some(b), _) if index == 0 => vcpu::set_boot_state(&fd, b)?,
+                (_, Some((state, _))) => {
+                    crate::vcpu_state::restore(index, &fd, &state.vcpus[index as usize])?
+                }
+                _ => {}
             }
             pending_vcpus.push(fd);
+        }
+        if let Some((state, _)) = restore {
+            crate::vm_state::restore(&vm_fd, &state.vm)?;
+            for (t, snap) in transports.iter().zip(&state.disks) {
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore(snap)
+                    .map_err(dev_err("a virtio-blk device from its snapshot"))?;
+            }
         }
 
         Ok(Self {
             vm_fd,
             ram,
-            write_protector,
+            tracker,
+            msrs,
+            transports,
+            disk_backends,
             config: config.clone(),
             pending_vcpus,
             handles: Vec::new(),
-            control: Arc::new(VcpuControl::new(Requested::Run)),
+            control: Arc::new(VcpuControl::new(Requested::Run, config.vcpus as usize)),
             sink: Arc::new(StopSink {
                 exit,
                 failure: Mutex::new(None),
@@ -419,6 +557,7 @@ impl Vm {
                 ram: self.ram.clone(),
                 control: self.control.clone(),
                 sink: self.sink.clone(),
+                msrs: self.msrs.clone(),
             };
             self.handles.push(vcpu::spawn(index as u8, fd, ctx)?);
         }
@@ -483,9 +622,57 @@ impl Vm {
         &self.ram
     }
 
-    /// The write-protect registration of guest RAM.
-    pub fn write_protector(&self) -> &WriteProtector {
-        &self.write_protector
+    /// Guest memory registered for live snapshots.
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// Guest RAM layout (guest-physical start, size).
+    pub fn memory_layout(&self) -> Vec<(u64, u64)> {
+        self.ram.ranges().iter().map(|r| (r.start, r.size)).collect()
+    }
+
+    /// Finishes in-flight disk requests and holds new ones; returns the
+    /// transports' states. Pair with [`Vm::unquiesce_devices`].
+    pub fn quiesce_devices(&self) -> Vec<TransportSnapshot> {
+        self.transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).quiesce())
+            .collect()
+    }
+
+    /// Lets disks serve requests again.
+    pub fn unquiesce_devices(&self) {
+        for t in &self.transports {
+            t.lock().unwrap_or_else(|e| e.into_inner()).unquiesce();
+        }
+    }
+
+    /// Captures vCPU, VM and device state. The vCPUs must be paused and the
+    /// devices quiesced (`disks` is what [`Vm::quiesce_devices`] returned).
+    pub fn save_state(&self, disks: Vec<TransportSnapshot>) -> Result<MachineState, VmError> {
+        let vcpus = self.control.save_all(self.handles.len())?;
+        Ok(MachineState {
+            vcpus,
+            vm: crate::vm_state::save(&self.vm_fd)?,
+            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).snapshot(),
+            disks,
+            memory: self.memory_layout(),
+        })
+    }
+
+    /// The top layer of each disk.
+    pub fn disk_tops(&self) -> Vec<Option<PathBuf>> {
+        self.disk_backends.iter().map(|d| d.top()).collect()
+    }
+
+    /// Switches disk `i` to the pre-created overlay `new_top` (devices
+    /// quiesced).
+    pub fn fork_disk(&self, i: usize, new_top: &Path) -> Result<(), VmError> {
+        match self.disk_backends.get(i) {
+            Some(d) => Ok(d.fork(new_top)?),
+            None => Err(VmError::StateMismatch(format!("no disk {i}"))),
+        }
     }
 
     /// The configuration this VM was created from.
@@ -497,6 +684,28 @@ impl Vm {
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
     }
+}
+
+/// Loads memory.bin into guest RAM, verifying every chunk; zero pages are
+/// not touched (they stay unpopulated).
+fn load_memory(ram: &GuestRam, path: &Path, regions: &[(u64, u64)]) -> Result<(), VmError> {
+    let file = MemoryFile::open(path)?;
+    file.check_layout(regions)?;
+    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    for (i, (gpa, len)) in file.chunks().into_iter().enumerate() {
+        let b = &mut buf[..len as usize];
+        file.read_verified(i, gpa, b)?;
+        for (p, page) in b.chunks(4096).enumerate() {
+            if page.iter().all(|x| *x == 0) {
+                continue;
+            }
+            use vm_memory::{Bytes, GuestAddress};
+            ram.memory()
+                .write_slice(page, GuestAddress(gpa + p as u64 * 4096))
+                .map_err(|e| VmError::StateMismatch(format!("cannot load memory at {gpa:#x}: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Vm {

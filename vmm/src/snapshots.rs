@@ -1,0 +1,487 @@
+//! Snapshot operations on a VM directory: take a live (running or paused)
+//! snapshot, take a powered-off one, prepare a restore, and clean up what
+//! an interrupted snapshot left behind.
+//!
+//! Files (DESIGN.md §4): `snapshots/tree.json`, `snapshots/<id>/vm.toml`,
+//! `state.bin`, `memory.bin`; disk layers `disks/<disk>.<id8>.qcow2`. A
+//! snapshot is assembled in `snapshots/<id>.partial/` and renamed into place
+//! only when every file is durable; only then does it enter tree.json.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use snapshot::atomic_file::sync_dir;
+use snapshot::disk::{create_overlay_sized, probe_format, DiskError};
+use snapshot::live::{LiveError, LiveStats};
+use snapshot::memory_file::{MemoryFile, MemoryFileError, MemoryFileWriter};
+use snapshot::state_file::{self, StateFileError};
+use snapshot::tree::{DiskLayer, PowerState, SnapshotMeta, Tree, TreeError};
+
+use crate::jobs::JobHandle;
+use crate::vm::{MachineState, Vm, VmError};
+use crate::vmdir::{VmDir, VmDirError, VmToml};
+
+/// Errors of snapshot operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The tree store failed.
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    /// A disk layer could not be created or switched.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// The VM directory is unusable.
+    #[error(transparent)]
+    VmDir(#[from] VmDirError),
+    /// Memory streaming failed.
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    /// memory.bin is unusable.
+    #[error(transparent)]
+    MemoryFile(#[from] MemoryFileError),
+    /// state.bin is unusable.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// The VM could not be paused, saved or restored.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A snapshot file could not be written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The snapshot has no memory (taken powered off) where one is needed.
+    #[error("snapshot {0} was taken with the VM off; it has no memory to restore")]
+    NoMemory(String),
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `snapshots/` of a VM directory.
+pub fn snapshots_dir(dir: &VmDir) -> PathBuf {
+    dir.root().join("snapshots")
+}
+
+/// `snapshots/tree.json`.
+pub fn tree_path(dir: &VmDir) -> PathBuf {
+    snapshots_dir(dir).join("tree.json")
+}
+
+/// What `snapshot create` was asked for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Name (default: VM name and time).
+    pub name: Option<String>,
+    /// Description.
+    pub description: String,
+}
+
+fn default_name(vm: &str) -> String {
+    let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    format!("{vm} {}", t.trim_end_matches('Z').replace('T', " "))
+}
+
+/// A snapshot being assembled.
+struct Staging {
+    id: String,
+    partial: PathBuf,
+    layers: Vec<PathBuf>,
+}
+
+impl Staging {
+    fn new(dir: &VmDir, toml: &VmToml) -> Result<Self, SnapshotError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let snaps = snapshots_dir(dir);
+        std::fs::create_dir_all(&snaps).map_err(io_err("cannot create", &snaps))?;
+        let partial = snaps.join(format!("{id}.partial"));
+        std::fs::create_dir(&partial).map_err(io_err("cannot create", &partial))?;
+        let layers = toml
+            .disks
+            .iter()
+            .map(|d| dir.disks_dir().join(format!("{}.{}.qcow2", d.name, &id[..8])))
+            .collect();
+        Ok(Self { id, partial, layers })
+    }
+
+    /// Creates the new working layers over the current ones.
+    fn create_layers(&self, dir: &VmDir, toml: &VmToml) -> Result<(), SnapshotError> {
+        for (d, new) in toml.disks.iter().zip(&self.layers) {
+            let cur = dir.resolve(&d.current);
+            let format = probe_format(&cur)?;
+            let size = std::fs::metadata(&cur).map_err(io_err("cannot stat", &cur))?.len();
+            let size = if format == snapshot::disk::DiskFormat::Raw {
+                size
+            } else {
+                snapshot::disk::Disk::open(&cur, true)?.size()
+            };
+            create_overlay_sized(&cur, format, size, new)?;
+        }
+        Ok(())
+    }
+
+    /// Removes everything (on failure before the disks were forked).
+    fn discard(&self) {
+        let _ = std::fs::remove_dir_all(&self.partial);
+        for l in &self.layers {
+            let _ = std::fs::remove_file(l);
+        }
+    }
+
+    /// Writes the config copy, renames the snapshot into place, adds it to
+    /// the tree.
+    fn publish(
+        self,
+        dir: &VmDir,
+        frozen: &VmToml,
+        mut meta: SnapshotMeta,
+        started: Instant,
+    ) -> Result<SnapshotMeta, SnapshotError> {
+        let cfg = self.partial.join("vm.toml");
+        let text = toml::to_string_pretty(frozen).map_err(|e| SnapshotError::Io {
+            what: "cannot encode",
+            path: cfg.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        snapshot::atomic_file::write_atomic(&cfg, text.as_bytes()).map_err(io_err("cannot write", &cfg))?;
+        // The frozen disk layers must be durable too.
+        for d in &frozen.disks {
+            let p = dir.resolve(&d.current);
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("cannot fsync", &p))?;
+        }
+        sync_dir(&self.partial).map_err(io_err("cannot fsync", &self.partial))?;
+        let final_dir = snapshots_dir(dir).join(&self.id);
+        std::fs::rename(&self.partial, &final_dir).map_err(io_err("cannot publish", &final_dir))?;
+        sync_dir(&snapshots_dir(dir)).map_err(io_err("cannot fsync", &snapshots_dir(dir)))?;
+        meta.duration_ms = started.elapsed().as_millis() as u64;
+        let tp = tree_path(dir);
+        let mut tree = Tree::load(&tp)?;
+        meta.parent = tree.now.clone();
+        tree.add(meta.clone());
+        tree.save(&tp)?;
+        Ok(meta)
+    }
+}
+
+fn meta_for(staging: &Staging, toml: &VmToml, opts: &CreateOptions, power: PowerState) -> SnapshotMeta {
+    SnapshotMeta {
+        id: staging.id.clone(),
+        name: opts.name.clone().unwrap_or_else(|| default_name(&toml.name)),
+        description: opts.description.clone(),
+        created_ms: now_ms(),
+        parent: None,
+        power_state: power,
+        pause_us: None,
+        memory_bytes: 0,
+        duration_ms: 0,
+        disks: toml
+            .disks
+            .iter()
+            .map(|d| DiskLayer {
+                name: d.name.clone(),
+                layer: d.current.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn relative(dir: &VmDir, p: &Path) -> PathBuf {
+    p.strip_prefix(dir.root()).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Result of a live snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveResult {
+    /// The published snapshot.
+    pub snapshot: SnapshotMeta,
+    /// Streaming figures.
+    pub stats: LiveStats,
+}
+
+/// Takes a snapshot of a VM whose VMM runs: `running` says whether its
+/// vCPUs run (they are paused for the capture and resumed) or are paused
+/// (they stay paused). `toml` is updated to the new working layers.
+pub fn create_live(
+    vm: &Mutex<Vm>,
+    dir: &VmDir,
+    toml: &Mutex<VmToml>,
+    running: bool,
+    opts: &CreateOptions,
+    job: &JobHandle,
+) -> Result<LiveResult, SnapshotError> {
+    let started = Instant::now();
+    let frozen = toml.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    clean_leftovers(dir, &frozen);
+    let staging = Staging::new(dir, &frozen)?;
+    if let Err(e) = staging.create_layers(dir, &frozen) {
+        staging.discard();
+        return Err(e);
+    }
+    let lock = || vm.lock().unwrap_or_else(|e| e.into_inner());
+    let layout = lock().memory_layout();
+    job.set_total(layout.iter().map(|(_, s)| s).sum());
+    let memfile = match MemoryFileWriter::create(&staging.partial.join("memory.bin"), &layout) {
+        Ok(f) => f,
+        Err(e) => {
+            staging.discard();
+            return Err(e.into());
+        }
+    };
+    let power = if running { PowerState::Running } else { PowerState::Paused };
+    let mut meta = meta_for(&staging, &frozen, opts, power);
+
+    // Phase 1: protect memory while the guest runs.
+    let mut armed = match lock().tracker().arm() {
+        Ok(a) => a,
+        Err(e) => {
+            staging.discard();
+            return Err(e.into());
+        }
+    };
+    // Phase 2: the pause.
+    let (state, pause_us) = {
+        let vm = lock();
+        let t0 = Instant::now();
+        if running {
+            vm.pause();
+        }
+        let disks = vm.quiesce_devices();
+        let captured = vm.save_state(disks).and_then(|state| {
+            for (i, l) in staging.layers.iter().enumerate() {
+                vm.fork_disk(i, l)?;
+            }
+            Ok(state)
+        });
+        let frozen_ok = match captured {
+            Ok(state) => armed.freeze(memfile).map(|_| state).map_err(SnapshotError::from),
+            Err(e) => Err(e.into()),
+        };
+        vm.unquiesce_devices();
+        if running {
+            vm.resume();
+        }
+        let pause_us = t0.elapsed().as_micros() as u64;
+        match frozen_ok {
+            Ok(s) => (s, pause_us),
+            Err(e) => {
+                armed.abort();
+                // Disks that were forked keep their new layer (a valid chain).
+                let forked: Vec<bool> = staging.layers.iter().map(|l| is_in_use(&vm, l)).collect();
+                drop(vm);
+                update_layers(dir, toml, &staging.layers, &forked);
+                let _ = std::fs::remove_dir_all(&staging.partial);
+                for (l, f) in staging.layers.iter().zip(forked) {
+                    if !f {
+                        let _ = std::fs::remove_file(l);
+                    }
+                }
+                return Err(e);
+            }
+        }
+    };
+    tracing::info!("snapshot {}: paused for {pause_us} us", staging.id);
+    meta.pause_us = Some(pause_us);
+    // The VM now writes the new layers.
+    let all = vec![true; staging.layers.len()];
+    update_layers(dir, toml, &staging.layers, &all);
+
+    // Phase 3: stream memory while the guest runs.
+    let streamed = armed.stream(&|done, _| job.set_done(done));
+    let result = streamed.map_err(SnapshotError::from).and_then(|(stats, file)| {
+        let written = file.finish()?;
+        state_file::write(&staging.partial.join("state.bin"), &state)?;
+        meta.memory_bytes = written;
+        Ok(stats)
+    });
+    let stats = match result {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging.partial);
+            return Err(e);
+        }
+    };
+    let snapshot = match staging.publish(dir, &frozen, meta, started) {
+        Ok(m) => m,
+        Err(e) => {
+            return Err(e);
+        }
+    };
+    Ok(LiveResult { snapshot, stats })
+}
+
+fn is_in_use(vm: &Vm, layer: &Path) -> bool {
+    vm.disk_tops().iter().any(|t| t.as_deref() == Some(layer))
+}
+
+/// Points vm.toml at the new working layers of the disks that were forked.
+fn update_layers(dir: &VmDir, toml: &Mutex<VmToml>, layers: &[PathBuf], forked: &[bool]) {
+    let mut t = toml.lock().unwrap_or_else(|e| e.into_inner());
+    for ((d, l), f) in t.disks.iter_mut().zip(layers).zip(forked) {
+        if *f {
+            d.current = relative(dir, l);
+        }
+    }
+    if let Err(e) = dir.save(&t) {
+        tracing::error!("cannot record the new disk layers in vm.toml: {e}");
+    }
+}
+
+/// Takes a snapshot of a VM that is off: configuration and disk layers.
+pub fn create_off(dir: &VmDir, opts: &CreateOptions) -> Result<SnapshotMeta, SnapshotError> {
+    let started = Instant::now();
+    let mut toml = dir.load()?;
+    clean_leftovers(dir, &toml);
+    let staging = Staging::new(dir, &toml)?;
+    if let Err(e) = staging.create_layers(dir, &toml) {
+        staging.discard();
+        return Err(e);
+    }
+    let frozen = toml.clone();
+    let meta = meta_for(&staging, &toml, opts, PowerState::Off);
+    for (d, l) in toml.disks.iter_mut().zip(&staging.layers) {
+        d.current = relative(dir, l);
+    }
+    let layers = staging.layers.clone();
+    match staging.publish(dir, &frozen, meta, started) {
+        Ok(m) => {
+            dir.save(&toml)?;
+            Ok(m)
+        }
+        Err(e) => {
+            for l in layers {
+                let _ = std::fs::remove_file(l);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Removes `snapshots/<id>.partial` directories and the disk layers they
+/// created that nothing uses, left by a snapshot interrupted by a crash.
+/// Returns the ids cleaned up.
+pub fn clean_leftovers(dir: &VmDir, toml: &VmToml) -> Vec<String> {
+    let mut cleaned = Vec::new();
+    let Ok(entries) = std::fs::read_dir(snapshots_dir(dir)) else {
+        return cleaned;
+    };
+    let tree = Tree::load(&tree_path(dir)).unwrap_or_default();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".partial") else { continue };
+        let _ = std::fs::remove_dir_all(e.path());
+        for d in &toml.disks {
+            let layer = dir.disks_dir().join(format!("{}.{}.qcow2", d.name, id.get(..8).unwrap_or(id)));
+            let rel = relative(dir, &layer);
+            let used = toml.disks.iter().any(|x| x.current == rel)
+                || tree.snapshots.iter().any(|s| s.disks.iter().any(|l| l.layer == rel));
+            if !used && layer.exists() {
+                let _ = std::fs::remove_file(&layer);
+            }
+        }
+        tracing::warn!("removed incomplete snapshot {id} left by an interrupted snapshot");
+        cleaned.push(id.to_string());
+    }
+    cleaned
+}
+
+/// What a restore needs, prepared on disk.
+pub struct PreparedRestore {
+    /// The snapshot.
+    pub snapshot: SnapshotMeta,
+    /// Its machine state (None for a powered-off snapshot).
+    pub state: Option<MachineState>,
+    /// Its memory.bin.
+    pub memory: PathBuf,
+    previous_toml: VmToml,
+    previous_tree: Tree,
+    new_layers: Vec<PathBuf>,
+}
+
+/// Makes the VM directory continue from snapshot `reference`: its
+/// configuration, new empty working layers over its disk layers, "Now"
+/// under it. state.bin and memory.bin's header are checked first, so a
+/// corrupt snapshot changes nothing. Undo with [`PreparedRestore::rollback`].
+pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, SnapshotError> {
+    let tp = tree_path(dir);
+    let tree = Tree::load(&tp)?;
+    let snap = tree.resolve(reference)?.clone();
+    let sdir = snapshots_dir(dir).join(&snap.id);
+    let memory = sdir.join("memory.bin");
+    let state = match snap.power_state {
+        PowerState::Off => None,
+        _ => {
+            let s: MachineState = state_file::read(&sdir.join("state.bin"))?;
+            MemoryFile::open(&memory)?.check_layout(&s.memory)?;
+            Some(s)
+        }
+    };
+    let cfg = sdir.join("vm.toml");
+    let text = std::fs::read_to_string(&cfg).map_err(io_err("cannot read", &cfg))?;
+    let mut snap_toml: VmToml = toml::from_str(&text).map_err(|e| SnapshotError::Io {
+        what: "invalid",
+        path: cfg.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let previous_toml = dir.load()?;
+    let tag = &uuid::Uuid::new_v4().to_string()[..8];
+    let mut new_layers = Vec::new();
+    for (d, frozen) in snap_toml.disks.iter_mut().zip(&snap.disks) {
+        let base = dir.resolve(&frozen.layer);
+        let new = dir.disks_dir().join(format!("{}.{tag}.qcow2", d.name));
+        let format = probe_format(&base)?;
+        let size = snapshot::disk::Disk::open(&base, true)?.size();
+        if let Err(e) = create_overlay_sized(&base, format, size, &new) {
+            for l in &new_layers {
+                let _ = std::fs::remove_file(l);
+            }
+            return Err(e.into());
+        }
+        d.current = relative(dir, &new);
+        new_layers.push(new);
+    }
+    snap_toml.name = previous_toml.name.clone();
+    dir.save(&snap_toml)?;
+    let mut new_tree = tree.clone();
+    new_tree.now = Some(snap.id.clone());
+    new_tree.save(&tp)?;
+    Ok(PreparedRestore {
+        snapshot: snap,
+        state,
+        memory,
+        previous_toml,
+        previous_tree: tree,
+        new_layers,
+    })
+}
+
+impl PreparedRestore {
+    /// Puts vm.toml and tree.json back and removes the new layers.
+    pub fn rollback(&self, dir: &VmDir) {
+        if let Err(e) = dir.save(&self.previous_toml) {
+            tracing::error!("cannot restore vm.toml: {e}");
+        }
+        if let Err(e) = self.previous_tree.save(&tree_path(dir)) {
+            tracing::error!("cannot restore tree.json: {e}");
+        }
+        for l in &self.new_layers {
+            let _ = std::fs::remove_file(l);
+        }
+    }
+}
