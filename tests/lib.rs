@@ -215,3 +215,159 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
+
+/// A VM directory for tests, stopped and removed when dropped.
+pub struct TestVm {
+    /// The VM directory.
+    pub dir: PathBuf,
+    /// A scratch directory holding it (and whatever the test adds).
+    pub root: PathBuf,
+}
+
+/// Runs `snapvm ARGS` to completion (60 s at most).
+pub fn snapvm(args: &[&str]) -> Finished {
+    run_with_timeout(
+        Command::new(snapvm_bin()).args(args),
+        Duration::from_secs(120),
+    )
+}
+
+impl TestVm {
+    /// Creates a VM directory running the test guest with `cmdline`;
+    /// `disk_mib` > 0 adds a zeroed raw disk.
+    pub fn create(tag: &str, cmdline: &str, memory: &str, vcpus: u32, disk_mib: u64) -> Self {
+        let root = std::env::temp_dir().join(format!("snapvm-t-{tag}-{}", std::process::id()));
+        Self::create_in(&root, cmdline, memory, vcpus, disk_mib)
+    }
+
+    /// [`TestVm::create`] in a given scratch directory.
+    pub fn create_in(
+        root: &std::path::Path,
+        cmdline: &str,
+        memory: &str,
+        vcpus: u32,
+        disk_mib: u64,
+    ) -> Self {
+        let _ = std::fs::remove_dir_all(root);
+        std::fs::create_dir_all(root).unwrap();
+        let dir = root.join("vm");
+        let guest = testguest();
+        let vc = vcpus.to_string();
+        let mut args = vec![
+            "create",
+            dir.to_str().unwrap(),
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            memory,
+            "--vcpus",
+            &vc,
+        ];
+        let disk = root.join("disk.raw");
+        let disk_s = disk.to_str().unwrap().to_string();
+        if disk_mib > 0 {
+            std::fs::File::create(&disk)
+                .unwrap()
+                .set_len(disk_mib << 20)
+                .unwrap();
+            args.extend(["--disk", &disk_s]);
+        }
+        let r = snapvm(&args);
+        assert_eq!(r.code(), 0, "{r:?}");
+        Self {
+            dir,
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// Runs `snapvm ARGS VMDIR`.
+    pub fn cli(&self, args: &[&str]) -> Finished {
+        let mut v = args.to_vec();
+        let d = self.dir.to_str().unwrap().to_string();
+        v.push(&d);
+        snapvm(&v)
+    }
+
+    /// Runs `snapvm ARGS VMDIR MORE`.
+    pub fn cli2(&self, args: &[&str], more: &[&str]) -> Finished {
+        let mut v = args.to_vec();
+        let d = self.dir.to_str().unwrap().to_string();
+        v.push(&d);
+        v.extend_from_slice(more);
+        snapvm(&v)
+    }
+
+    /// `snapvm status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let r = self.cli(&["status", "--json"]);
+        assert_eq!(r.code(), 0, "{r:?}");
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r:?}"))
+    }
+
+    /// The guest's console output so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs/serial.log")).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `count` lines containing `pattern`
+    /// after byte offset `from`; panics on a FAIL line or timeout.
+    pub fn wait_serial(
+        &self,
+        from: usize,
+        pattern: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.serial();
+            let tail = s.get(from..).unwrap_or("");
+            assert!(!tail.contains("TESTGUEST FAIL"), "guest failed:\n{tail}");
+            if tail.lines().filter(|l| l.contains(pattern)).count() >= count {
+                return tail.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {count} x '{pattern}' within {timeout:?}:\n{tail}\nvmm.log:\n{}",
+                std::fs::read_to_string(self.dir.join("logs/vmm.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The snapshot tree (`snapshot list --json`).
+    pub fn tree(&self) -> serde_json::Value {
+        let r = self.cli(&["snapshot", "list", "--json"]);
+        assert_eq!(r.code(), 0, "{r:?}");
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+
+    /// Copies the whole VM directory to `dest` (a new VM with the same
+    /// snapshots), without its runtime files.
+    pub fn copy_to(&self, dest: &std::path::Path) -> TestVm {
+        let _ = std::fs::remove_dir_all(dest);
+        std::fs::create_dir_all(dest).unwrap();
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(&self.dir)
+            .arg(dest.join("vm"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let _ = std::fs::remove_dir_all(dest.join("vm/run"));
+        let _ = std::fs::remove_file(dest.join("vm/logs/serial.log"));
+        TestVm {
+            dir: dest.join("vm"),
+            root: dest.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        let _ = snapvm(&["stop", "--force", self.dir.to_str().unwrap()]);
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}

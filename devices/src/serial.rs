@@ -232,8 +232,9 @@ mod tests {
         s.write(1, &[0x01]);
         s.enqueue_input(b"ab");
         let snap = s.snapshot();
-        let r = SerialDevice::from_snapshot(&snap, IrqLine::new().unwrap(), Box::new(std::io::sink()))
-            .unwrap();
+        let r =
+            SerialDevice::from_snapshot(&snap, IrqLine::new().unwrap(), Box::new(std::io::sink()))
+                .unwrap();
         assert_eq!(r.snapshot(), snap);
         assert_eq!(snap.in_buffer, b"ab");
         assert_eq!(snap.baud_divisor_low, 0x0c);

@@ -387,6 +387,7 @@ static u64 rate_mibps;
 static u64 passes;
 static u64 area_pages;
 static u64 disk_blocks;
+static int with_disk;
 static u32 ncpus;
 static volatile u32 cpus_online;
 static volatile u32 cpus_done;
@@ -442,10 +443,11 @@ static void report_mismatch(u32 cpu, u64 page, u64 gen, u64 word, u64 expected, 
     unlock_print();
 }
 
-static void memstamp(u32 cpu)
+/* Runs memstamp as worker `cpu` of `workers` (the share of the area). */
+static void memstamp(u32 cpu, u32 worker, u32 workers)
 {
-    u64 first = area_pages * cpu / ncpus;
-    u64 last = area_pages * (cpu + 1) / ncpus;
+    u64 first = area_pages * worker / workers;
+    u64 last = area_pages * (worker + 1) / workers;
     u64 bytes_per_ns_budget = rate_mibps; /* MiB/s per vCPU, 0 = unlimited */
     for (u64 gen = 1; passes == 0 || gen <= passes; gen++) {
         u64 t0 = now_ns();
@@ -790,6 +792,13 @@ static void run_workload(u32 cpu)
         if (cpu == 0)
             diskstamp(disk_blocks, passes);
         finish_cpu();
+    } else if (arg_is("workload", "memstamp") && with_disk) {
+        /* vCPU 0 stamps the disk, the others stamp memory. */
+        if (cpu == 0)
+            diskstamp(disk_blocks, passes);
+        else
+            memstamp(cpu, cpu - 1, ncpus - 1);
+        finish_cpu();
     } else if (arg_is("workload", "diskbench")) {
         if (cpu == 0) {
             int ok = 1;
@@ -797,7 +806,7 @@ static void run_workload(u32 cpu)
         }
         finish_cpu();
     } else if (arg_is("workload", "memstamp")) {
-        memstamp(cpu);
+        memstamp(cpu, cpu, ncpus);
         finish_cpu();
     } else if (arg_is("workload", "emulation")) {
         if (cpu == 0) {
@@ -888,7 +897,10 @@ static void bsp_main(void)
             fail_args("(fewer pages than vCPUs)");
     }
 
-    if (arg_is("workload", "diskstamp") || arg_is("workload", "diskbench")) {
+    with_disk = arg_is("workload", "memstamp") && arg_is("disk", "1");
+    if (with_disk && ncpus < 2)
+        fail_args("(memstamp with disk=1 needs 2 or more vCPUs)");
+    if (arg_is("workload", "diskstamp") || arg_is("workload", "diskbench") || with_disk) {
         disk_blocks = arg_u64("blocks", 64, &ok);
         if (!ok || disk_blocks == 0 || disk_blocks > MAX_DISK_BLOCKS)
             fail_args("(blocks must be 1..1048576)");
@@ -930,7 +942,7 @@ static void bsp_main(void)
     put_dec(ram_bytes >> 20);
     puts_(" workload=");
     put_arg("workload");
-    if (arg_is("workload", "diskstamp")) {
+    if (arg_is("workload", "diskstamp") || with_disk) {
         puts_(" blocks=");
         put_dec(disk_blocks);
         puts_(" disk_sectors=");

@@ -401,8 +401,8 @@ pub fn create_overlay_sized(
         source,
     };
     let rel = relative_path(backing, new.parent().unwrap_or(Path::new(".")));
-    let file = File::create_open(StorageCreateOptions::new().filename(new).size(0))
-        .map_err(create_err)?;
+    let file =
+        File::create_open(StorageCreateOptions::new().filename(new).size(0)).map_err(create_err)?;
     Qcow2::<File>::create_builder(file)
         .size(size)
         .backing(rel.to_string_lossy().into_owned(), format.name().into())

@@ -136,12 +136,15 @@ mod vmm_sys_util_eventfd {
 impl Shared {
     /// (gpa, global page index) of a host page address.
     fn lookup(&self, host: usize) -> Option<(u64, u64)> {
-        self.regions.iter().zip(&self.first_page).find_map(|(r, first)| {
-            (host >= r.host && host < r.host + r.len).then(|| {
-                let off = (host - r.host) as u64;
-                (r.gpa + off, first + off / PAGE_SIZE)
+        self.regions
+            .iter()
+            .zip(&self.first_page)
+            .find_map(|(r, first)| {
+                (host >= r.host && host < r.host + r.len).then(|| {
+                    let off = (host - r.host) as u64;
+                    (r.gpa + off, first + off / PAGE_SIZE)
+                })
             })
-        })
     }
 
     /// Claims page `idx`; true if this caller must copy it.
@@ -188,7 +191,8 @@ impl Shared {
                 std::slice::from_raw_parts((host + start * PAGE_SIZE as usize) as *const u8, n)
             };
             file.write_at(data, gpa + (start as u64) * PAGE_SIZE)?;
-            self.written.fetch_add((i - start) as u64, Ordering::Relaxed);
+            self.written
+                .fetch_add((i - start) as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -263,7 +267,10 @@ impl Shared {
             // SAFETY: two valid pollfd entries.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
             if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                self.fail(format!("poll on userfaultfd: {}", std::io::Error::last_os_error()));
+                self.fail(format!(
+                    "poll on userfaultfd: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
             loop {
                 match uffd.read_event() {
@@ -304,6 +311,7 @@ pub struct Tracker {
 pub struct ArmedSnapshot {
     shared: Arc<Shared>,
     handler: Option<JoinHandle<()>>,
+    chunk_delay: Duration,
     protect_us: u64,
     window_pages: u64,
     frozen_at: Option<Instant>,
@@ -353,6 +361,7 @@ impl Tracker {
         let mut armed = ArmedSnapshot {
             shared,
             handler: Some(handler),
+            chunk_delay: Duration::ZERO,
             protect_us: 0,
             window_pages: 0,
             frozen_at: None,
@@ -384,12 +393,19 @@ fn ranges(mut pages: Vec<usize>) -> Vec<(usize, usize)> {
 }
 
 impl ArmedSnapshot {
+    /// Slows streaming down by `delay` per 2 MiB chunk (a test hook that
+    /// widens the window for crash tests; zero by default).
+    pub fn set_chunk_delay(&mut self, delay: Duration) {
+        self.chunk_delay = delay;
+    }
+
     /// Phase 2, with the guest paused and devices quiesced: re-protects the
     /// pages written since [`Tracker::arm`] and starts copy-before-write.
     /// Everything from here on is the snapshot instant's memory.
     pub fn freeze(&mut self, file: MemoryFileWriter) -> Result<(), LiveError> {
         let mut mode = self.shared.mode.lock().unwrap_or_else(|e| e.into_inner());
-        let dirty = std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let dirty =
+            std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|e| e.into_inner()));
         self.window_pages = dirty.len() as u64;
         for (start, len) in ranges(dirty) {
             self.shared.wp.protect(start, len)?;
@@ -405,7 +421,10 @@ impl ArmedSnapshot {
     /// Phase 3, with the guest running: streams every page; `progress`
     /// gets (bytes done, bytes in all). Returns the figures and the writer
     /// (to finish the file after the other snapshot files).
-    pub fn stream(mut self, progress: &dyn Fn(u64, u64)) -> Result<(LiveStats, MemoryFileWriter), LiveError> {
+    pub fn stream(
+        mut self,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(LiveStats, MemoryFileWriter), LiveError> {
         let s = self.shared.clone();
         let total = s.pages * PAGE_SIZE;
         let result = (|| {
@@ -440,6 +459,9 @@ impl ArmedSnapshot {
                     }
                     off += len;
                     progress(s.done.load(Ordering::Acquire) * PAGE_SIZE, total);
+                    if !self.chunk_delay.is_zero() {
+                        std::thread::sleep(self.chunk_delay);
+                    }
                 }
             }
             // Pages the handler claimed may still be in flight.
@@ -457,7 +479,10 @@ impl ArmedSnapshot {
             return Err(e);
         }
         self.stop_handler();
-        let stream_us = self.frozen_at.map(|t| t.elapsed().as_micros() as u64).unwrap_or(0);
+        let stream_us = self
+            .frozen_at
+            .map(|t| t.elapsed().as_micros() as u64)
+            .unwrap_or(0);
         let mut lat = std::mem::take(&mut *s.fault_ns.lock().unwrap_or_else(|e| e.into_inner()));
         lat.sort_unstable();
         let pct = |p: f64| {
@@ -570,7 +595,8 @@ mod tests {
             unsafe { *((mem.0 + p * 4096) as *mut u64) = stamp(p, 1) };
         }
         let wp = Arc::new(
-            WriteProtector::new(&[HostRange { addr: mem.0, len }]).expect("uffd (root, Linux >= 6.4)"),
+            WriteProtector::new(&[HostRange { addr: mem.0, len }])
+                .expect("uffd (root, Linux >= 6.4)"),
         );
         let tracker = Tracker::new(
             wp,
@@ -585,7 +611,8 @@ mod tests {
         let quit = Arc::new(AtomicBool::new(false));
         let mut writers = Writers(quit.clone(), vec![]);
         for w in 0..2usize {
-            let (paused, parked, quit, base) = (paused.clone(), parked.clone(), quit.clone(), mem.0);
+            let (paused, parked, quit, base) =
+                (paused.clone(), parked.clone(), quit.clone(), mem.0);
             writers.1.push(std::thread::spawn(move || {
                 let mut gen = 2u32;
                 let mut is_parked = false;
@@ -627,13 +654,19 @@ mod tests {
         let (stats, file) = armed.stream(&|_, _| {}).unwrap();
         file.finish().unwrap();
         drop(writers);
-        assert!(stats.faults > 0, "writers faulted into the handler: {stats:?}");
+        assert!(
+            stats.faults > 0,
+            "writers faulted into the handler: {stats:?}"
+        );
         assert_eq!(stats.pages, pages as u64);
         let m = MemoryFile::open(&path).unwrap();
         m.verify_all().unwrap();
         let got = std::fs::read(&path).unwrap();
         for p in 0..pages {
-            let (a, b) = (&got[p * 4096..(p + 1) * 4096], &expected[p * 4096..(p + 1) * 4096]);
+            let (a, b) = (
+                &got[p * 4096..(p + 1) * 4096],
+                &expected[p * 4096..(p + 1) * 4096],
+            );
             assert!(a == b, "page {p} differs from the freeze instant");
         }
         std::fs::remove_file(&path).unwrap();
@@ -641,6 +674,9 @@ mod tests {
 
     #[test]
     fn coalescing() {
-        assert_eq!(ranges(vec![8192, 4096, 4096, 16384]), vec![(4096, 8192), (16384, 4096)]);
+        assert_eq!(
+            ranges(vec![8192, 4096, 4096, 16384]),
+            vec![(4096, 8192), (16384, 4096)]
+        );
     }
 }

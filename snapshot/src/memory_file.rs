@@ -48,7 +48,9 @@ pub enum MemoryFileError {
     #[error("{0}: not a snapvm memory file (bad magic)")]
     BadMagic(PathBuf),
     /// A version this snapvm cannot read.
-    #[error("{path}: unsupported memory file version {version} (this snapvm reads version {VERSION})")]
+    #[error(
+        "{path}: unsupported memory file version {version} (this snapvm reads version {VERSION})"
+    )]
     BadVersion {
         /// The file.
         path: PathBuf,
@@ -62,7 +64,9 @@ pub enum MemoryFileError {
     #[error("{0}: corrupt memory file trailer (checksum mismatch)")]
     BadTrailer(PathBuf),
     /// A chunk of page data is corrupt.
-    #[error("{path}: corrupt memory data in chunk {chunk} (guest-physical {gpa:#x}): checksum mismatch")]
+    #[error(
+        "{path}: corrupt memory data in chunk {chunk} (guest-physical {gpa:#x}): checksum mismatch"
+    )]
     BadChunk {
         /// The file.
         path: PathBuf,
@@ -186,7 +190,9 @@ impl MemoryFileWriter {
         let crc = crc32fast::hash(&trailer);
         trailer.extend_from_slice(&crc.to_le_bytes());
         let off = data_end(&self.regions);
-        self.file.write_all_at(&trailer, off).map_err(io("cannot write trailer"))?;
+        self.file
+            .write_all_at(&trailer, off)
+            .map_err(io("cannot write trailer"))?;
         let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
         footer.extend_from_slice(FOOTER_MAGIC);
         footer.extend_from_slice(&VERSION.to_le_bytes());
@@ -246,11 +252,17 @@ impl MemoryFile {
         }
         let toff = u64_at(&footer, 16).unwrap_or(u64::MAX);
         let tlen = u64_at(&footer, 24).unwrap_or(u64::MAX);
-        if toff.checked_add(tlen).and_then(|e| e.checked_add(FOOTER_LEN)) != Some(len) || tlen < 32 {
+        if toff
+            .checked_add(tlen)
+            .and_then(|e| e.checked_add(FOOTER_LEN))
+            != Some(len)
+            || tlen < 32
+        {
             return Err(MemoryFileError::Truncated(p));
         }
         let mut t = vec![0u8; tlen as usize];
-        file.read_exact_at(&mut t, toff).map_err(io("cannot read trailer"))?;
+        file.read_exact_at(&mut t, toff)
+            .map_err(io("cannot read trailer"))?;
         let body = &t[..t.len() - 4];
         if u32_at(&t, t.len() - 4) != Some(crc32fast::hash(body)) {
             return Err(MemoryFileError::BadTrailer(p));
@@ -260,7 +272,10 @@ impl MemoryFile {
         }
         let tv = u32_at(&t, 8).unwrap_or(0);
         if tv != VERSION {
-            return Err(MemoryFileError::BadVersion { path: p, version: tv });
+            return Err(MemoryFileError::BadVersion {
+                path: p,
+                version: tv,
+            });
         }
         let bad = || MemoryFileError::BadTrailer(path.to_path_buf());
         if u32_at(&t, 12) != Some(PAGE_SIZE as u32) || u32_at(&t, 16) != Some(CHUNK_SIZE as u32) {
@@ -270,7 +285,10 @@ impl MemoryFile {
         let mut regions = Vec::new();
         let mut off = 24;
         for _ in 0..nreg {
-            regions.push((u64_at(&t, off).ok_or_else(bad)?, u64_at(&t, off + 8).ok_or_else(bad)?));
+            regions.push((
+                u64_at(&t, off).ok_or_else(bad)?,
+                u64_at(&t, off + 8).ok_or_else(bad)?,
+            ));
             off += 16;
         }
         let nchunks = u64_at(&t, off).ok_or_else(bad)? as usize;
@@ -402,7 +420,10 @@ mod tests {
                 Err(e) => e.to_string(),
                 Ok(m) => m.verify_all().unwrap_err().to_string(),
             };
-            assert!(e.contains(want) && e.contains("snapvm-memfile-corrupt"), "{want}: {e}");
+            assert!(
+                e.contains(want) && e.contains("snapvm-memfile-corrupt"),
+                "{want}: {e}"
+            );
         };
         let mut flip = good.clone();
         flip[4096 + 100] ^= 1;

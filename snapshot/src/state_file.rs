@@ -27,7 +27,9 @@ pub enum StateFileError {
     #[error("{0}: not a snapvm state file (bad magic)")]
     BadMagic(PathBuf),
     /// Unknown version.
-    #[error("{path}: unsupported state file version {version} (this snapvm reads version {VERSION})")]
+    #[error(
+        "{path}: unsupported state file version {version} (this snapvm reads version {VERSION})"
+    )]
     BadVersion {
         /// The file.
         path: PathBuf,
@@ -82,11 +84,13 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
         source,
     })?;
     if data.len() < 8 || &data[..8] != MAGIC {
-        return Err(if data.len() < HEADER_LEN && MAGIC.starts_with(&data[..data.len().min(8)]) {
-            StateFileError::Truncated(p)
-        } else {
-            StateFileError::BadMagic(p)
-        });
+        return Err(
+            if data.len() < HEADER_LEN && MAGIC.starts_with(&data[..data.len().min(8)]) {
+                StateFileError::Truncated(p)
+            } else {
+                StateFileError::BadMagic(p)
+            },
+        );
     }
     if data.len() < HEADER_LEN {
         return Err(StateFileError::Truncated(p));
@@ -124,14 +128,20 @@ mod tests {
     #[test]
     fn round_trip_and_rejections() {
         let p = std::env::temp_dir().join(format!("snapvm-state-{}", std::process::id()));
-        let v = S { a: 7, b: vec![1, 2, 3] };
+        let v = S {
+            a: 7,
+            b: vec![1, 2, 3],
+        };
         write(&p, &v).unwrap();
         assert_eq!(read::<S>(&p).unwrap(), v);
         let good = std::fs::read(&p).unwrap();
         let check = |data: &[u8], want: &str| {
             std::fs::write(&p, data).unwrap();
             let e = read::<S>(&p).unwrap_err().to_string();
-            assert!(e.contains(want) && e.contains("snapvm-state"), "{want}: {e}");
+            assert!(
+                e.contains(want) && e.contains("snapvm-state"),
+                "{want}: {e}"
+            );
         };
         let mut flip = good.clone();
         let n = flip.len();

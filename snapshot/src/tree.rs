@@ -133,7 +133,10 @@ impl Tree {
         if t.version != VERSION {
             return Err(TreeError::Parse {
                 path: path.to_path_buf(),
-                message: format!("unsupported version {} (this snapvm reads {VERSION})", t.version),
+                message: format!(
+                    "unsupported version {} (this snapvm reads {VERSION})",
+                    t.version
+                ),
             });
         }
         Ok(t)
@@ -156,9 +159,16 @@ impl Tree {
         if let Some(s) = self.snapshots.iter().find(|s| s.id == reference) {
             return Ok(s);
         }
-        let by_name: Vec<&SnapshotMeta> = self.snapshots.iter().filter(|s| s.name == reference).collect();
+        let by_name: Vec<&SnapshotMeta> = self
+            .snapshots
+            .iter()
+            .filter(|s| s.name == reference)
+            .collect();
         let by_prefix: Vec<&SnapshotMeta> = if reference.len() >= 4 {
-            self.snapshots.iter().filter(|s| s.id.starts_with(reference)).collect()
+            self.snapshots
+                .iter()
+                .filter(|s| s.id.starts_with(reference))
+                .collect()
         } else {
             vec![]
         };
@@ -170,7 +180,10 @@ impl Tree {
             1 => Ok(all[0]),
             _ => Err(TreeError::Ambiguous {
                 reference: reference.into(),
-                candidates: all.iter().map(|s| format!("{} ({})", s.id, s.name)).collect(),
+                candidates: all
+                    .iter()
+                    .map(|s| format!("{} ({})", s.id, s.name))
+                    .collect(),
             }),
         }
     }
@@ -220,8 +233,16 @@ mod tests {
         assert_eq!(t.resolve("base").unwrap().id, "aaaa1111-0000");
         assert_eq!(t.resolve("bbbb").unwrap().id, "bbbb3333-0000");
         let e = t.resolve("work").unwrap_err().to_string();
-        assert!(e.contains("ambiguous") && e.contains("aaaa2222-0000 (work)") && e.contains("bbbb3333-0000 (work)"), "{e}");
-        assert!(matches!(t.resolve("aaaa"), Err(TreeError::Ambiguous { .. })));
+        assert!(
+            e.contains("ambiguous")
+                && e.contains("aaaa2222-0000 (work)")
+                && e.contains("bbbb3333-0000 (work)"),
+            "{e}"
+        );
+        assert!(matches!(
+            t.resolve("aaaa"),
+            Err(TreeError::Ambiguous { .. })
+        ));
         assert!(matches!(t.resolve("zzzz"), Err(TreeError::NotFound(_))));
         assert_eq!(t.children("aaaa1111-0000").len(), 1);
     }
@@ -236,7 +257,10 @@ mod tests {
         t.save(&p).unwrap();
         assert_eq!(Tree::load(&p).unwrap(), t);
         std::fs::write(&p, "{nope").unwrap();
-        assert!(Tree::load(&p).unwrap_err().to_string().contains("invalid snapshot tree"));
+        assert!(Tree::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid snapshot tree"));
         std::fs::remove_file(&p).unwrap();
     }
 }

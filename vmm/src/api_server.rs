@@ -51,7 +51,8 @@ pub trait ApiBackend: Send + Sync {
     /// The job table.
     fn jobs(&self) -> &Arc<Jobs>;
     /// POST /snapshots: starts a snapshot job; returns `{"job": id}`.
-    fn create_snapshot(&self, name: Option<String>, description: String) -> Result<Value, ApiError>;
+    fn create_snapshot(&self, name: Option<String>, description: String)
+        -> Result<Value, ApiError>;
     /// GET /snapshots: the snapshot tree.
     fn snapshots(&self) -> Result<Value, ApiError>;
 }

@@ -192,12 +192,19 @@ impl ApiBackend for Controller {
         &self.jobs
     }
 
-    fn create_snapshot(&self, name: Option<String>, description: String) -> Result<Value, ApiError> {
+    fn create_snapshot(
+        &self,
+        name: Option<String>,
+        description: String,
+    ) -> Result<Value, ApiError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(ApiError::Conflict("the VM is stopping".into()));
         }
         if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB]) {
-            return Err(ApiError::Conflict(format!("snapshot job {} is still running", j.id)));
+            return Err(ApiError::Conflict(format!(
+                "snapshot job {} is still running",
+                j.id
+            )));
         }
         let running = self.power() == Power::Running;
         let (vm, dir, toml) = (self.vm.clone(), self.dir.clone(), self.toml.clone());
@@ -310,22 +317,41 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
         .map_err(io_err("open", &dir.serial_log()))?;
     let hub = ConsoleHub::new(Some(log));
     let (mut vm, toml, paused) = match from {
-        None => (Vm::create(&dir.vm_config(&toml)?, Box::new(hub.clone()))?, toml, paused),
+        None => (
+            Vm::create(&dir.vm_config(&toml)?, Box::new(hub.clone()))?,
+            toml,
+            paused,
+        ),
         Some(reference) => {
             let prepared = crate::snapshots::prepare_restore(&dir, reference)?;
             let Some(state) = &prepared.state else {
                 prepared.rollback(&dir);
-                return Err(crate::snapshots::SnapshotError::NoMemory(prepared.snapshot.id.clone()).into());
+                return Err(crate::snapshots::SnapshotError::NoMemory(
+                    prepared.snapshot.id.clone(),
+                )
+                .into());
             };
             let toml = dir.load()?;
             let restored = dir
                 .vm_config(&toml)
                 .map_err(DaemonError::from)
-                .and_then(|c| Ok(Vm::restore(&c, Box::new(hub.clone()), state, &prepared.memory)?));
+                .and_then(|c| {
+                    Ok(Vm::restore(
+                        &c,
+                        Box::new(hub.clone()),
+                        state,
+                        &prepared.memory,
+                    )?)
+                });
             match restored {
                 Ok(vm) => {
-                    tracing::info!("restored snapshot {} ({})", prepared.snapshot.id, prepared.snapshot.name);
-                    let was_paused = prepared.snapshot.power_state == snapshot::tree::PowerState::Paused;
+                    tracing::info!(
+                        "restored snapshot {} ({})",
+                        prepared.snapshot.id,
+                        prepared.snapshot.name
+                    );
+                    let was_paused =
+                        prepared.snapshot.power_state == snapshot::tree::PowerState::Paused;
                     (vm, toml, paused || was_paused)
                 }
                 Err(e) => {

@@ -431,9 +431,11 @@ pub fn wait_job(socket: &Path, id: &str, what: &str) -> Result<Value, LifecycleE
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         b.set_message(what.to_string());
         b
@@ -441,7 +443,10 @@ pub fn wait_job(socket: &Path, id: &str, what: &str) -> Result<Value, LifecycleE
     let mut last_line = Instant::now();
     loop {
         let j = api_client::request(socket, "GET", &format!("/jobs/{id}"), None)?;
-        let (done, total) = (j["done"].as_u64().unwrap_or(0), j["total"].as_u64().unwrap_or(0));
+        let (done, total) = (
+            j["done"].as_u64().unwrap_or(0),
+            j["total"].as_u64().unwrap_or(0),
+        );
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(done);
@@ -480,7 +485,10 @@ pub fn snapshot_create(
     let dir = VmDir::open(root)?;
     if !is_running(&dir) {
         let m = crate::snapshots::create_off(&dir, &CreateOptions { name, description })?;
-        println!("snapshot {} \"{}\" taken (VM off: configuration and disks)", m.id, m.name);
+        println!(
+            "snapshot {} \"{}\" taken (VM off: configuration and disks)",
+            m.id, m.name
+        );
         return Ok(());
     }
     let job = api_client::request(
@@ -512,17 +520,26 @@ pub fn snapshot_list(root: &Path, json_out: bool) -> Result<(), LifecycleError> 
     let dir = VmDir::open(root)?;
     let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&tree).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&tree).unwrap_or_default()
+        );
         return Ok(());
     }
     println!("{:<36}  {:<8} {:>10}  NAME", "ID", "STATE", "PAUSE us");
     for s in &tree.snapshots {
-        let now = if tree.now.as_deref() == Some(s.id.as_str()) { "  <- Now" } else { "" };
+        let now = if tree.now.as_deref() == Some(s.id.as_str()) {
+            "  <- Now"
+        } else {
+            ""
+        };
         println!(
             "{:<36}  {:<8} {:>10}  {}{now}",
             s.id,
             format!("{:?}", s.power_state).to_lowercase(),
-            s.pause_us.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            s.pause_us
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             s.name
         );
     }

@@ -391,7 +391,8 @@ fn lifecycle(cmd: Command) -> ExitCode {
             name,
             description,
             no_wait,
-        }) => lifecycle::snapshot_create(&vmdir, name, description, no_wait).map_err(|e| e.to_string()),
+        }) => lifecycle::snapshot_create(&vmdir, name, description, no_wait)
+            .map_err(|e| e.to_string()),
         Command::Snapshot(SnapshotCommand::List { vmdir, json }) => {
             lifecycle::snapshot_list(&vmdir, json).map_err(|e| e.to_string())
         }

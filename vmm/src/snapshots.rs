@@ -83,6 +83,10 @@ pub fn tree_path(dir: &VmDir) -> PathBuf {
     snapshots_dir(dir).join("tree.json")
 }
 
+/// Test hook: milliseconds to sleep per 2 MiB chunk while streaming
+/// memory, to make a window for crash tests.
+pub const STREAM_DELAY_ENV: &str = "SNAPVM_TEST_STREAM_DELAY_MS";
+
 /// What `snapshot create` was asked for.
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
@@ -114,9 +118,16 @@ impl Staging {
         let layers = toml
             .disks
             .iter()
-            .map(|d| dir.disks_dir().join(format!("{}.{}.qcow2", d.name, &id[..8])))
+            .map(|d| {
+                dir.disks_dir()
+                    .join(format!("{}.{}.qcow2", d.name, &id[..8]))
+            })
             .collect();
-        Ok(Self { id, partial, layers })
+        Ok(Self {
+            id,
+            partial,
+            layers,
+        })
     }
 
     /// Creates the new working layers over the current ones.
@@ -124,7 +135,9 @@ impl Staging {
         for (d, new) in toml.disks.iter().zip(&self.layers) {
             let cur = dir.resolve(&d.current);
             let format = probe_format(&cur)?;
-            let size = std::fs::metadata(&cur).map_err(io_err("cannot stat", &cur))?.len();
+            let size = std::fs::metadata(&cur)
+                .map_err(io_err("cannot stat", &cur))?
+                .len();
             let size = if format == snapshot::disk::DiskFormat::Raw {
                 size
             } else {
@@ -158,7 +171,8 @@ impl Staging {
             path: cfg.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        snapshot::atomic_file::write_atomic(&cfg, text.as_bytes()).map_err(io_err("cannot write", &cfg))?;
+        snapshot::atomic_file::write_atomic(&cfg, text.as_bytes())
+            .map_err(io_err("cannot write", &cfg))?;
         // The frozen disk layers must be durable too.
         for d in &frozen.disks {
             let p = dir.resolve(&d.current);
@@ -180,10 +194,18 @@ impl Staging {
     }
 }
 
-fn meta_for(staging: &Staging, toml: &VmToml, opts: &CreateOptions, power: PowerState) -> SnapshotMeta {
+fn meta_for(
+    staging: &Staging,
+    toml: &VmToml,
+    opts: &CreateOptions,
+    power: PowerState,
+) -> SnapshotMeta {
     SnapshotMeta {
         id: staging.id.clone(),
-        name: opts.name.clone().unwrap_or_else(|| default_name(&toml.name)),
+        name: opts
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(&toml.name)),
         description: opts.description.clone(),
         created_ms: now_ms(),
         parent: None,
@@ -203,7 +225,9 @@ fn meta_for(staging: &Staging, toml: &VmToml, opts: &CreateOptions, power: Power
 }
 
 fn relative(dir: &VmDir, p: &Path) -> PathBuf {
-    p.strip_prefix(dir.root()).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf())
+    p.strip_prefix(dir.root())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Result of a live snapshot.
@@ -244,7 +268,11 @@ pub fn create_live(
             return Err(e.into());
         }
     };
-    let power = if running { PowerState::Running } else { PowerState::Paused };
+    let power = if running {
+        PowerState::Running
+    } else {
+        PowerState::Paused
+    };
     let mut meta = meta_for(&staging, &frozen, opts, power);
 
     // Phase 1: protect memory while the guest runs.
@@ -255,6 +283,12 @@ pub fn create_live(
             return Err(e.into());
         }
     };
+    if let Some(ms) = std::env::var(STREAM_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        armed.set_chunk_delay(std::time::Duration::from_millis(ms));
+    }
     // Phase 2: the pause.
     let (state, pause_us) = {
         let vm = lock();
@@ -270,7 +304,10 @@ pub fn create_live(
             Ok(state)
         });
         let frozen_ok = match captured {
-            Ok(state) => armed.freeze(memfile).map(|_| state).map_err(SnapshotError::from),
+            Ok(state) => armed
+                .freeze(memfile)
+                .map(|_| state)
+                .map_err(SnapshotError::from),
             Err(e) => Err(e.into()),
         };
         vm.unquiesce_devices();
@@ -304,12 +341,14 @@ pub fn create_live(
 
     // Phase 3: stream memory while the guest runs.
     let streamed = armed.stream(&|done, _| job.set_done(done));
-    let result = streamed.map_err(SnapshotError::from).and_then(|(stats, file)| {
-        let written = file.finish()?;
-        state_file::write(&staging.partial.join("state.bin"), &state)?;
-        meta.memory_bytes = written;
-        Ok(stats)
-    });
+    let result = streamed
+        .map_err(SnapshotError::from)
+        .and_then(|(stats, file)| {
+            let written = file.finish()?;
+            state_file::write(&staging.partial.join("state.bin"), &state)?;
+            meta.memory_bytes = written;
+            Ok(stats)
+        });
     let stats = match result {
         Ok(s) => s,
         Err(e) => {
@@ -384,13 +423,20 @@ pub fn clean_leftovers(dir: &VmDir, toml: &VmToml) -> Vec<String> {
     let tree = Tree::load(&tree_path(dir)).unwrap_or_default();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_suffix(".partial") else { continue };
+        let Some(id) = name.strip_suffix(".partial") else {
+            continue;
+        };
         let _ = std::fs::remove_dir_all(e.path());
         for d in &toml.disks {
-            let layer = dir.disks_dir().join(format!("{}.{}.qcow2", d.name, id.get(..8).unwrap_or(id)));
+            let layer =
+                dir.disks_dir()
+                    .join(format!("{}.{}.qcow2", d.name, id.get(..8).unwrap_or(id)));
             let rel = relative(dir, &layer);
             let used = toml.disks.iter().any(|x| x.current == rel)
-                || tree.snapshots.iter().any(|s| s.disks.iter().any(|l| l.layer == rel));
+                || tree
+                    .snapshots
+                    .iter()
+                    .any(|s| s.disks.iter().any(|l| l.layer == rel));
             if !used && layer.exists() {
                 let _ = std::fs::remove_file(&layer);
             }

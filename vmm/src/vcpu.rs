@@ -363,7 +363,11 @@ impl VcpuControl {
             }
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        g.saved.iter_mut().take(count).map(|s| s.take().expect("checked above")).collect()
+        g.saved
+            .iter_mut()
+            .take(count)
+            .map(|s| s.take().expect("checked above"))
+            .collect()
     }
 
     /// Called by a vCPU thread before each KVM_RUN: parks while paused

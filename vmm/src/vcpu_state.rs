@@ -109,7 +109,8 @@ pub fn restore(vcpu: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateErro
     if let Some(x) = &s.xcrs {
         fd.set_xcrs(x).map_err(err("XCRs"))?;
     }
-    fd.set_debug_regs(&s.debugregs).map_err(err("debug registers"))?;
+    fd.set_debug_regs(&s.debugregs)
+        .map_err(err("debug registers"))?;
     fd.set_lapic(&s.lapic).map_err(err("local APIC"))?;
     let mut rest: Vec<kvm_msr_entry> = s
         .msrs
@@ -121,10 +122,15 @@ pub fn restore(vcpu: u8, fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateErro
         })
         .collect();
     while !rest.is_empty() {
-        let Ok(m) = Msrs::from_entries(&rest) else { break };
+        let Ok(m) = Msrs::from_entries(&rest) else {
+            break;
+        };
         let n = fd.set_msrs(&m).map_err(err("MSRs"))?;
         if n < rest.len() {
-            tracing::debug!("vCPU {vcpu}: KVM refused MSR {:#x} on restore", rest[n].index);
+            tracing::debug!(
+                "vCPU {vcpu}: KVM refused MSR {:#x} on restore",
+                rest[n].index
+            );
         }
         rest.drain(..(n + 1).min(rest.len()));
     }

@@ -9,8 +9,10 @@ use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use devices::exit::{ExitNotifier, GuestExit};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::irq::IrqLine;
+use devices::serial::SerialSnapshot;
 use devices::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
 use devices::virtio::block::Block;
+use devices::virtio::mmio::TransportSnapshot;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use devices::virtio::VirtioInterrupt;
 use kvm_bindings::{
@@ -18,8 +20,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use devices::serial::SerialSnapshot;
-use devices::virtio::mmio::TransportSnapshot;
 use serde::{Deserialize, Serialize};
 use snapshot::disk::{Disk, DiskError};
 use snapshot::live::{GuestRegion, Tracker};
@@ -38,11 +38,11 @@ use crate::layout::{
     VIRTIO_MMIO_STRIDE,
 };
 use crate::memory::{GuestRam, MemoryError};
-use crate::vcpu_state::{VcpuState, VcpuStateError};
-use crate::vm_state::{VmState, VmStateError};
 use crate::vcpu::{
     self, Requested, StopSink, VcpuContext, VcpuControl, VcpuError, VcpuFailure, VcpuHandle,
 };
+use crate::vcpu_state::{VcpuState, VcpuStateError};
+use crate::vm_state::{VmState, VmStateError};
 
 /// Default KVM device node; `SNAPVM_KVM_DEVICE` overrides it (for tests).
 pub const KVM_DEVICE: &str = "/dev/kvm";
@@ -279,7 +279,9 @@ impl Vm {
         let format = match restore {
             None => Some(boot::detect_format(&config.kernel)?),
             Some((state, _)) => {
-                if state.vcpus.len() != config.vcpus as usize || state.disks.len() != config.disks.len() {
+                if state.vcpus.len() != config.vcpus as usize
+                    || state.disks.len() != config.disks.len()
+                {
                     return Err(VmError::StateMismatch(format!(
                         "{} vCPUs and {} disks saved, {} and {} configured",
                         state.vcpus.len(),
@@ -629,7 +631,11 @@ impl Vm {
 
     /// Guest RAM layout (guest-physical start, size).
     pub fn memory_layout(&self) -> Vec<(u64, u64)> {
-        self.ram.ranges().iter().map(|r| (r.start, r.size)).collect()
+        self.ram
+            .ranges()
+            .iter()
+            .map(|r| (r.start, r.size))
+            .collect()
     }
 
     /// Finishes in-flight disk requests and holds new ones; returns the
@@ -655,7 +661,11 @@ impl Vm {
         Ok(MachineState {
             vcpus,
             vm: crate::vm_state::save(&self.vm_fd)?,
-            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).snapshot(),
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .snapshot(),
             disks,
             memory: self.memory_layout(),
         })
@@ -702,7 +712,9 @@ fn load_memory(ram: &GuestRam, path: &Path, regions: &[(u64, u64)]) -> Result<()
             use vm_memory::{Bytes, GuestAddress};
             ram.memory()
                 .write_slice(page, GuestAddress(gpa + p as u64 * 4096))
-                .map_err(|e| VmError::StateMismatch(format!("cannot load memory at {gpa:#x}: {e}")))?;
+                .map_err(|e| {
+                    VmError::StateMismatch(format!("cannot load memory at {gpa:#x}: {e}"))
+                })?;
         }
     }
     Ok(())

@@ -2,8 +2,8 @@
 //! and kvmclock.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -50,7 +50,13 @@ fn chip(vm: &VmFd, id: u32, what: &'static str) -> Result<kvm_irqchip, VmStateEr
 
 /// Saves the state of a paused VM.
 pub fn save(vm: &VmFd) -> Result<VmState, VmStateError> {
-    let err = |what| move |source| VmStateError { op: "save", what, source };
+    let err = |what| {
+        move |source| VmStateError {
+            op: "save",
+            what,
+            source,
+        }
+    };
     Ok(VmState {
         pic_master: chip(vm, KVM_IRQCHIP_PIC_MASTER, "the master PIC")?,
         pic_slave: chip(vm, KVM_IRQCHIP_PIC_SLAVE, "the slave PIC")?,
@@ -62,13 +68,23 @@ pub fn save(vm: &VmFd) -> Result<VmState, VmStateError> {
 
 /// Restores into a new VM (irqchip and PIT created).
 pub fn restore(vm: &VmFd, s: &VmState) -> Result<(), VmStateError> {
-    let err = |what| move |source| VmStateError { op: "restore", what, source };
+    let err = |what| {
+        move |source| VmStateError {
+            op: "restore",
+            what,
+            source,
+        }
+    };
     vm.set_pit2(&s.pit).map_err(err("the PIT"))?;
-    vm.set_irqchip(&s.pic_master).map_err(err("the master PIC"))?;
+    vm.set_irqchip(&s.pic_master)
+        .map_err(err("the master PIC"))?;
     vm.set_irqchip(&s.pic_slave).map_err(err("the slave PIC"))?;
     vm.set_irqchip(&s.ioapic).map_err(err("the IOAPIC"))?;
+    // No KVM_CLOCK_REALTIME / HOST_TSC: kvmclock continues from the
+    // snapshot instant instead of jumping by the time the snapshot sat on
+    // disk (the guest sees one continuous run, as its timeouts expect).
     let mut clock = s.clock;
-    clock.flags &= !KVM_CLOCK_TSC_STABLE;
+    clock.flags = 0;
     vm.set_clock(&clock).map_err(err("kvmclock"))?;
     Ok(())
 }
