@@ -99,7 +99,15 @@ struct Shared {
     stop: AtomicBool,
     stop_evt: vmm_sys_util_eventfd::EventFd,
     fault_ns: Mutex<Vec<u32>>,
+    /// Pages the handler copied but nobody wrote to the file yet: the
+    /// handler never waits for the file (whose inode lock the writer's big
+    /// writes hold), the writer drains this between chunks.
+    pending: Mutex<Vec<(u64, Vec<u8>)>>,
+    pending_pages: AtomicU64,
 }
+
+/// Most pages the handler keeps in memory before writing them itself.
+const MAX_PENDING_PAGES: u64 = 16384;
 
 /// A tiny eventfd wrapper (the snapshot crate does not depend on the VMM's
 /// utility crates).
@@ -197,6 +205,22 @@ impl Shared {
         Ok(())
     }
 
+    /// Writes the pages the handler buffered.
+    fn drain_pending(&self) -> Result<(), MemoryFileError> {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.pending_pages.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        if let Some(file) = self.file.get() {
+            for (gpa, data) in &batch {
+                file.write_at(data, *gpa)?;
+            }
+            self.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Releases everything and stops copying (after a failure).
     fn abort(&self) {
         *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = Mode::Abort;
@@ -224,7 +248,21 @@ impl Shared {
             Mode::Copy => {
                 if let Some((gpa, idx)) = self.lookup(page) {
                     if self.claim(idx) {
-                        if let Err(e) = self.copy_out(page, gpa, PAGE_SIZE as usize) {
+                        // SAFETY: a page of a live guest mapping, still
+                        // write-protected, so stable while read.
+                        let zero = unsafe { page_is_zero(page) };
+                        if zero {
+                        } else if self.pending_pages.load(Ordering::Relaxed) < MAX_PENDING_PAGES {
+                            // SAFETY: as above.
+                            let data = unsafe {
+                                std::slice::from_raw_parts(page as *const u8, PAGE_SIZE as usize)
+                            };
+                            self.pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((gpa, data.to_vec()));
+                            self.pending_pages.fetch_add(1, Ordering::Relaxed);
+                        } else if let Err(e) = self.copy_out(page, gpa, PAGE_SIZE as usize) {
                             self.fail(e.to_string());
                         }
                         if let Err(e) = self.wp.unprotect(page, PAGE_SIZE as usize) {
@@ -352,6 +390,8 @@ impl Tracker {
             stop: AtomicBool::new(false),
             stop_evt: vmm_sys_util_eventfd::EventFd::new().map_err(LiveError::Thread)?,
             fault_ns: Mutex::new(Vec::new()),
+            pending: Mutex::new(Vec::new()),
+            pending_pages: AtomicU64::new(0),
         });
         let s = shared.clone();
         let handler = std::thread::Builder::new()
@@ -428,8 +468,10 @@ impl ArmedSnapshot {
         let s = self.shared.clone();
         let total = s.pages * PAGE_SIZE;
         let result = (|| {
+            const WRITEBACK_EVERY: usize = 32 << 20;
             for (r, first) in s.regions.iter().zip(&s.first_page) {
                 let mut off = 0usize;
+                let mut flushed = 0usize;
                 while off < r.len {
                     if let Some(e) = s.failed() {
                         return Err(LiveError::Failed(e));
@@ -458,6 +500,13 @@ impl ArmedSnapshot {
                         s.done.fetch_add((i - start) as u64, Ordering::AcqRel);
                     }
                     off += len;
+                    s.drain_pending()?;
+                    if off - flushed >= WRITEBACK_EVERY || off == r.len {
+                        if let Some(f) = s.file.get() {
+                            f.start_writeback(r.gpa + flushed as u64, (off - flushed) as u64);
+                        }
+                        flushed = off;
+                    }
                     progress(s.done.load(Ordering::Acquire) * PAGE_SIZE, total);
                     if !self.chunk_delay.is_zero() {
                         std::thread::sleep(self.chunk_delay);
@@ -471,6 +520,7 @@ impl ArmedSnapshot {
                 }
                 std::thread::sleep(Duration::from_micros(50));
             }
+            s.drain_pending()?;
             progress(total, total);
             s.failed().map_or(Ok(()), |e| Err(LiveError::Failed(e)))
         })();

@@ -159,6 +159,22 @@ impl MemoryFileWriter {
             })
     }
 
+    /// Starts writeback of `[offset, offset + len)` without waiting, so the
+    /// final fsync overlaps with streaming instead of following it.
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range on our own descriptor; it only schedules
+        // I/O and touches no memory of this process.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+
     /// Computes the chunk checksums from the written data, appends trailer
     /// and footer, and fsyncs. Returns the bytes of page data on disk
     /// (excluding holes) as far as the file system reports them.

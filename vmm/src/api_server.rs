@@ -51,8 +51,12 @@ pub trait ApiBackend: Send + Sync {
     /// The job table.
     fn jobs(&self) -> &Arc<Jobs>;
     /// POST /snapshots: starts a snapshot job; returns `{"job": id}`.
-    fn create_snapshot(&self, name: Option<String>, description: String)
-        -> Result<Value, ApiError>;
+    fn create_snapshot(
+        &self,
+        name: Option<String>,
+        description: String,
+        stop_and_copy: bool,
+    ) -> Result<Value, ApiError>;
     /// GET /snapshots: the snapshot tree.
     fn snapshots(&self) -> Result<Value, ApiError>;
 }
@@ -122,7 +126,12 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
             };
             let name = text("name")?;
             let description = text("description")?.unwrap_or_default();
-            Ok((202, backend.create_snapshot(name, description)?))
+            let stop_and_copy = match body.get("stop_and_copy") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(ApiError::BadRequest("'stop_and_copy' must be a boolean".into())),
+            };
+            Ok((202, backend.create_snapshot(name, description, stop_and_copy)?))
         }
         (["jobs", id], Method::Get) => backend
             .jobs()

@@ -196,6 +196,7 @@ impl ApiBackend for Controller {
         &self,
         name: Option<String>,
         description: String,
+        stop_and_copy: bool,
     ) -> Result<Value, ApiError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(ApiError::Conflict("the VM is stopping".into()));
@@ -208,7 +209,11 @@ impl ApiBackend for Controller {
         }
         let running = self.power() == Power::Running;
         let (vm, dir, toml) = (self.vm.clone(), self.dir.clone(), self.toml.clone());
-        let opts = crate::snapshots::CreateOptions { name, description };
+        let opts = crate::snapshots::CreateOptions {
+            name,
+            description,
+            stop_and_copy,
+        };
         let id = self.jobs.spawn(SNAPSHOT_JOB, move |job| {
             crate::snapshots::create_live(&vm, &dir, &toml, running, &opts, job)
                 .map(|r| {

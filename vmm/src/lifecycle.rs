@@ -484,7 +484,12 @@ pub fn snapshot_create(
 ) -> Result<(), LifecycleError> {
     let dir = VmDir::open(root)?;
     if !is_running(&dir) {
-        let m = crate::snapshots::create_off(&dir, &CreateOptions { name, description })?;
+        let opts = CreateOptions {
+            name,
+            description,
+            stop_and_copy: false,
+        };
+        let m = crate::snapshots::create_off(&dir, &opts)?;
         println!(
             "snapshot {} \"{}\" taken (VM off: configuration and disks)",
             m.id, m.name

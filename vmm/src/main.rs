@@ -204,6 +204,23 @@ enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
     },
+    /// Live snapshot pauses (median and max), streaming rate next to dd,
+    /// fault service times and guest throughput, next to the stop-and-copy
+    /// baseline on the same VM, for each memory size.
+    Snapshot {
+        /// Guest memory sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        sizes: Vec<u64>,
+        /// Live snapshots per size (stop-and-copy: up to 5).
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Directory for the VM and its snapshots (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
     /// Guest 4 KiB sequential and random read/write throughput on raw, qcow2
     /// and a 3-layer qcow2 chain, next to the host's own I/O on the same files.
     Disk {
@@ -473,6 +490,23 @@ fn main() -> ExitCode {
                 memory_mib,
             };
             match vmm::bench::boot(&b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Bench(BenchCommand::Snapshot {
+            sizes,
+            count,
+            dir,
+            kernel,
+        }) => {
+            let b = vmm::bench::SnapshotBench {
+                kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                sizes_mib: sizes,
+                count: count.max(1),
+            };
+            match vmm::bench::snapshot(&b) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

@@ -94,6 +94,9 @@ pub struct CreateOptions {
     pub name: Option<String>,
     /// Description.
     pub description: String,
+    /// Keep the guest paused until all memory is written (the stop-and-copy
+    /// baseline of `snapvm bench snapshot`, as Firecracker and `savevm` do).
+    pub stop_and_copy: bool,
 }
 
 fn default_name(vm: &str) -> String {
@@ -311,13 +314,16 @@ pub fn create_live(
             Err(e) => Err(e.into()),
         };
         vm.unquiesce_devices();
-        if running {
+        if running && !opts.stop_and_copy {
             vm.resume();
         }
         let pause_us = t0.elapsed().as_micros() as u64;
         match frozen_ok {
-            Ok(s) => (s, pause_us),
+            Ok(s) => (s, (pause_us, t0)),
             Err(e) => {
+                if running && opts.stop_and_copy {
+                    vm.resume();
+                }
                 armed.abort();
                 // Disks that were forked keep their new layer (a valid chain).
                 let forked: Vec<bool> = staging.layers.iter().map(|l| is_in_use(&vm, l)).collect();
@@ -333,14 +339,21 @@ pub fn create_live(
             }
         }
     };
-    tracing::info!("snapshot {}: paused for {pause_us} us", staging.id);
-    meta.pause_us = Some(pause_us);
+    let (mut pause_us, paused_at) = pause_us;
+    if !opts.stop_and_copy {
+        tracing::info!("snapshot {}: paused for {pause_us} us", staging.id);
+    }
     // The VM now writes the new layers.
     let all = vec![true; staging.layers.len()];
     update_layers(dir, toml, &staging.layers, &all);
 
     // Phase 3: stream memory while the guest runs.
     let streamed = armed.stream(&|done, _| job.set_done(done));
+    if running && opts.stop_and_copy {
+        lock().resume();
+        pause_us = paused_at.elapsed().as_micros() as u64;
+    }
+    meta.pause_us = Some(pause_us);
     let result = streamed
         .map_err(SnapshotError::from)
         .and_then(|(stats, file)| {
