@@ -290,6 +290,20 @@ impl TestVm {
         snapvm(&v)
     }
 
+    /// Runs `snapvm ARGS VMDIR` and asserts it succeeded.
+    pub fn ok(&self, args: &[&str]) -> Finished {
+        let r = self.cli(args);
+        assert_eq!(r.code(), 0, "snapvm {args:?}: {r:?}");
+        r
+    }
+
+    /// Runs `snapvm ARGS VMDIR MORE` and asserts it succeeded.
+    pub fn ok2(&self, args: &[&str], more: &[&str]) -> Finished {
+        let r = self.cli2(args, more);
+        assert_eq!(r.code(), 0, "snapvm {args:?} {more:?}: {r:?}");
+        r
+    }
+
     /// Runs `snapvm ARGS VMDIR MORE`.
     pub fn cli2(&self, args: &[&str], more: &[&str]) -> Finished {
         let mut v = args.to_vec();

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use snapvm_tests::{field, run_with_timeout, snapvm, TestVm};
+use snapvm_tests::{run_with_timeout, snapvm, TestVm};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -53,7 +53,7 @@ fn live_snapshot_mid_pass_restores_exactly_in_a_new_vm() {
         2,
         0,
     );
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     vm.wait_serial(0, "TESTGUEST PASS", 2, T);
     let (id, pause) = take(&vm, "mid-pass");
     assert!(pause > 0);
@@ -96,7 +96,7 @@ fn ten_snapshots_in_a_row_each_restores() {
         2,
         0,
     );
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     vm.wait_serial(0, "TESTGUEST PASS", 2, T);
     let mut ids = vec![];
     for i in 0..10 {
@@ -112,13 +112,13 @@ fn ten_snapshots_in_a_row_each_restores() {
     }
     let mark = vm.serial().len();
     vm.wait_serial(mark, "TESTGUEST PASS", 2, T);
-    assert_eq!(vm.cli(&["stop"]).code(), 0);
+    vm.ok(&["stop"]);
     for id in &ids {
         let mark = vm.serial().len();
         let r = vm.cli2(&["start"], &["--from", id]);
         assert_eq!(r.code(), 0, "{id}: {r:?}");
         vm.wait_serial(mark, "TESTGUEST PASS", 2, T);
-        assert_eq!(vm.cli(&["stop"]).code(), 0);
+        vm.ok(&["stop"]);
     }
 }
 
@@ -131,14 +131,14 @@ fn disk_and_memory_agree_after_restore() {
         3,
         8,
     );
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     vm.wait_serial(0, "workload=diskstamp gen=1", 1, T);
     let mut ids = vec![];
     for i in 0..3 {
         ids.push(take(&vm, &format!("d{i}")).0);
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(vm.cli(&["stop"]).code(), 0);
+    vm.ok(&["stop"]);
     // Every frozen disk layer and the chain on top of it stays valid.
     for s in vm.tree()["snapshots"].as_array().unwrap() {
         let layer = vm.dir.join(s["disks"][0]["layer"].as_str().unwrap());
@@ -150,7 +150,7 @@ fn disk_and_memory_agree_after_restore() {
     }
     for id in &ids {
         let mark = vm.serial().len();
-        assert_eq!(vm.cli2(&["start"], &["--from", id]).code(), 0);
+        vm.ok2(&["start"], &["--from", id]);
         // Disk passes verify every block against the generations kept in
         // guest memory: disk and memory are from the same instant.
         let out = vm.wait_serial(mark, "workload=diskstamp gen=", 2, T);
@@ -158,7 +158,7 @@ fn disk_and_memory_agree_after_restore() {
             pass_count(&out, "vcpu=1 gen=") + pass_count(&out, "vcpu=2 gen=") >= 1,
             "{out}"
         );
-        assert_eq!(vm.cli(&["stop"]).code(), 0);
+        vm.ok(&["stop"]);
     }
 }
 
@@ -171,21 +171,19 @@ fn paused_and_powered_off_snapshots_restore_their_power_state() {
         2,
         1,
     );
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     vm.wait_serial(0, "TESTGUEST PASS", 1, T);
-    assert_eq!(vm.cli(&["pause"]).code(), 0);
+    vm.ok(&["pause"]);
     let (paused_id, _) = take(&vm, "paused");
     assert_eq!(vm.status()["state"], "paused", "a paused VM stays paused");
     assert_eq!(snapshot_meta(&vm, &paused_id)["power_state"], "paused");
-    assert_eq!(vm.cli(&["stop"]).code(), 0);
+    vm.ok(&["stop"]);
 
-    let (off_id, pause) = {
-        let r = vm.cli2(&["snapshot", "create"], &["--name", "off"]);
-        assert_eq!(r.code(), 0, "{r:?}");
+    let off_id = {
+        let r = vm.ok2(&["snapshot", "create"], &["--name", "off"]);
         assert!(r.stdout.contains("VM off"), "{r:?}");
-        (r.stdout.split_whitespace().nth(1).unwrap().to_string(), ())
+        r.stdout.split_whitespace().nth(1).unwrap().to_string()
     };
-    let _ = pause;
     let off = snapshot_meta(&vm, &off_id);
     assert_eq!(off["power_state"], "off");
     assert!(!vm
@@ -197,11 +195,11 @@ fn paused_and_powered_off_snapshots_restore_their_power_state() {
 
     // Paused snapshot -> paused VM, which runs on when resumed.
     let mark = vm.serial().len();
-    assert_eq!(vm.cli2(&["start"], &["--from", &paused_id]).code(), 0);
+    vm.ok2(&["start"], &["--from", &paused_id]);
     assert_eq!(vm.status()["state"], "paused");
-    assert_eq!(vm.cli(&["resume"]).code(), 0);
+    vm.ok(&["resume"]);
     vm.wait_serial(mark, "TESTGUEST PASS", 2, T);
-    assert_eq!(vm.cli(&["stop"]).code(), 0);
+    vm.ok(&["stop"]);
 
     // Powered-off snapshot -> the VM stays off; a start boots it.
     let r = vm.cli2(&["start"], &["--from", &off_id]);
@@ -209,7 +207,7 @@ fn paused_and_powered_off_snapshots_restore_their_power_state() {
     assert_eq!(vm.status()["state"], "stopped");
     assert_eq!(vm.tree()["now"], off_id);
     let mark = vm.serial().len();
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     vm.wait_serial(mark, "TESTGUEST READY", 1, T);
 }
 
@@ -224,10 +222,10 @@ fn corrupt_snapshot_files_are_refused() {
         1,
         1,
     );
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     vm.wait_serial(0, "TESTGUEST PASS", 1, T);
     let (id, _) = take(&vm, "victim");
-    assert_eq!(vm.cli(&["stop"]).code(), 0);
+    vm.ok(&["stop"]);
     let sdir = vm.dir.join("snapshots").join(&id);
     let toml_before = std::fs::read(vm.dir.join("vm.toml")).unwrap();
     let disks_before = std::fs::read_dir(vm.dir.join("disks")).unwrap().count();
@@ -308,7 +306,7 @@ fn corrupt_snapshot_files_are_refused() {
     }
     // Intact again: it restores.
     let mark = vm.serial().len();
-    assert_eq!(vm.cli2(&["start"], &["--from", &id]).code(), 0);
+    vm.ok2(&["start"], &["--from", &id]);
     vm.wait_serial(mark, "TESTGUEST PASS", 1, T);
 }
 
@@ -343,7 +341,7 @@ fn full_disk_fails_the_snapshot_not_the_vm() {
         2,
         1,
     );
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     vm.wait_serial(0, "TESTGUEST PASS", 2, T);
     let r = vm.cli(&["snapshot", "create"]);
     assert_eq!(r.code(), 1, "{r:?}");
@@ -433,7 +431,7 @@ fn kill_9_while_streaming_leaves_no_half_snapshot() {
         "never shown as complete"
     );
     // The next start cleans up; the disk chain is valid; snapshots work.
-    assert_eq!(vm.cli(&["start"]).code(), 0);
+    vm.ok(&["start"]);
     let log = std::fs::read_to_string(vm.dir.join("logs/vmm.log")).unwrap();
     assert!(log.contains("incomplete snapshot"), "{log}");
     let partial = std::fs::read_dir(vm.dir.join("snapshots"))
@@ -451,5 +449,4 @@ fn kill_9_while_streaming_leaves_no_half_snapshot() {
     vm.wait_serial(0, "TESTGUEST READY", 2, T);
     let (id, _) = take(&vm, "after-crash");
     assert_eq!(vm.tree()["snapshots"][0]["id"], id);
-    let _ = field;
 }

@@ -211,12 +211,14 @@ impl Shared {
         if batch.is_empty() {
             return Ok(());
         }
-        self.pending_pages.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        self.pending_pages
+            .fetch_sub(batch.len() as u64, Ordering::Relaxed);
         if let Some(file) = self.file.get() {
             for (gpa, data) in &batch {
                 file.write_at(data, *gpa)?;
             }
-            self.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.written
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -701,7 +703,42 @@ mod tests {
             .freeze(MemoryFileWriter::create(&path, &[(0, len as u64)]).unwrap())
             .unwrap();
         paused.store(false, Ordering::SeqCst);
+        // A "device" writing guest memory from the kernel (read(2) into the
+        // mapping, as KVM or a DMA-like path would): the write faults into
+        // the handler too, so the snapshot keeps the page's old content.
+        // A page no writer touches and nothing populated (WP_UNPOPULATED).
+        let dev_page = pages - 3;
+        assert!(dev_page % 7 > 1 && dev_page >= pages / 2);
+        let (rfd, wfd) = {
+            let mut fds = [0i32; 2];
+            // SAFETY: pipe(2) fills two descriptors.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            (fds[0], fds[1])
+        };
+        let payload = [0x5au8; 4096];
+        // SAFETY: writes from a valid buffer to our pipe.
+        assert_eq!(
+            unsafe { libc::write(wfd, payload.as_ptr().cast(), 4096) },
+            4096
+        );
+        let dev_addr = mem.0 + dev_page * 4096;
+        let device = std::thread::spawn(move || {
+            // SAFETY: reads into a page of the live mapping (joined below).
+            unsafe { libc::read(rfd, dev_addr as *mut libc::c_void, 4096) }
+        });
         let (stats, file) = armed.stream(&|_, _| {}).unwrap();
+        assert_eq!(device.join().unwrap(), 4096);
+        // SAFETY: closing our own pipe.
+        unsafe {
+            libc::close(rfd);
+            libc::close(wfd);
+        }
+        // SAFETY: reading the mapping.
+        assert_eq!(
+            unsafe { *(dev_addr as *const u8) },
+            0x5a,
+            "the device write landed"
+        );
         file.finish().unwrap();
         drop(writers);
         assert!(

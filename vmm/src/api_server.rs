@@ -129,9 +129,16 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
             let stop_and_copy = match body.get("stop_and_copy") {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(ApiError::BadRequest("'stop_and_copy' must be a boolean".into())),
+                Some(_) => {
+                    return Err(ApiError::BadRequest(
+                        "'stop_and_copy' must be a boolean".into(),
+                    ))
+                }
             };
-            Ok((202, backend.create_snapshot(name, description, stop_and_copy)?))
+            Ok((
+                202,
+                backend.create_snapshot(name, description, stop_and_copy)?,
+            ))
         }
         (["jobs", id], Method::Get) => backend
             .jobs()

@@ -437,7 +437,10 @@ fn shot(r: &serde_json::Value) -> Shot {
     }
 }
 
-fn take_snapshot(dir: &crate::vmdir::VmDir, stop_and_copy: bool) -> Result<serde_json::Value, BenchError> {
+fn take_snapshot(
+    dir: &crate::vmdir::VmDir,
+    stop_and_copy: bool,
+) -> Result<serde_json::Value, BenchError> {
     let berr = |e: String| BenchError::Guest {
         what: "snapshot".into(),
         message: e,
@@ -457,11 +460,15 @@ fn take_snapshot(dir: &crate::vmdir::VmDir, stop_and_copy: bool) -> Result<serde
             Some("succeeded") => {
                 // Keep the disk from filling up: only the figures matter.
                 if let Some(sid) = j["result"]["snapshot"]["id"].as_str() {
-                    let _ = std::fs::remove_file(dir.root().join("snapshots").join(sid).join("memory.bin"));
+                    let _ = std::fs::remove_file(
+                        dir.root().join("snapshots").join(sid).join("memory.bin"),
+                    );
                 }
                 return Ok(j["result"].clone());
             }
-            Some("failed") => return Err(berr(j["error"].as_str().unwrap_or("failed").to_string())),
+            Some("failed") => {
+                return Err(berr(j["error"].as_str().unwrap_or("failed").to_string()))
+            }
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
@@ -479,7 +486,9 @@ fn guest_rates(serial: &Path, from: usize, to: usize) -> Vec<f64> {
 }
 
 fn serial_len(serial: &Path) -> usize {
-    std::fs::metadata(serial).map(|m| m.len() as usize).unwrap_or(0)
+    std::fs::metadata(serial)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0)
 }
 
 /// `dd` of `mib` MiB to `dir`, with fdatasync: MiB/s.
@@ -489,7 +498,12 @@ fn dd_mibps(dir: &Path, mib: u64) -> Result<f64, BenchError> {
     let st = Command::new("dd")
         .arg("if=/dev/zero")
         .arg(format!("of={}", target.display()))
-        .args(["bs=1M", &format!("count={mib}"), "conv=fdatasync", "status=none"])
+        .args([
+            "bs=1M",
+            &format!("count={mib}"),
+            "conv=fdatasync",
+            "status=none",
+        ])
         .status()
         .map_err(|source| BenchError::Spawn {
             what: "dd".into(),
@@ -523,7 +537,9 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
         b.dir.display()
     );
     for &mib in &b.sizes_mib {
-        let root = b.dir.join(format!("snapvm-bench-snap-{}-{mib}", std::process::id()));
+        let root = b
+            .dir
+            .join(format!("snapvm-bench-snap-{}-{mib}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let vmdir = root.join("vm");
         let area = mib / 2;
@@ -589,35 +605,85 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
         let mut p50: Vec<f64> = live.iter().map(|s| s.p50).collect();
         let mut p99: Vec<f64> = live.iter().map(|s| s.p99).collect();
         let mut window: Vec<f64> = live.iter().map(|s| s.window_pages).collect();
-        let mib_written = live.iter().map(|s| s.bytes).sum::<f64>() / live.len() as f64 / (1 << 20) as f64;
+        let mib_written =
+            live.iter().map(|s| s.bytes).sum::<f64>() / live.len() as f64 / (1 << 20) as f64;
         let g_before = median(&mut before);
         let g_during = median(&mut during);
         println!();
         println!("guest memory {mib} MiB (+32), memstamp over {area} MiB");
         println!("  {:<44} {:>12} {:>12}", "", "live", "stop-and-copy");
-        println!("  {:<44} {:>12.3} {:>12.1}", "pause, median (ms)", p_med, sc_med);
-        println!("  {:<44} {:>12.3} {:>12.1}", "pause, max (ms)", p_max, sc_max);
-        println!("  {:<44} {:>12.4}", "pause ratio live / stop-and-copy (median)", p_med / sc_med);
-        println!("  {:<44} {:>12.0}", "snapshot total time, median (ms)", median(&mut totals));
-        println!("  {:<44} {:>12.0}", "memory written per snapshot (MiB)", mib_written);
+        println!(
+            "  {:<44} {:>12.3} {:>12.1}",
+            "pause, median (ms)", p_med, sc_med
+        );
+        println!(
+            "  {:<44} {:>12.3} {:>12.1}",
+            "pause, max (ms)", p_max, sc_max
+        );
+        println!(
+            "  {:<44} {:>12.4}",
+            "pause ratio live / stop-and-copy (median)",
+            p_med / sc_med
+        );
+        println!(
+            "  {:<44} {:>12.0}",
+            "snapshot total time, median (ms)",
+            median(&mut totals)
+        );
+        println!(
+            "  {:<44} {:>12.0}",
+            "memory written per snapshot (MiB)", mib_written
+        );
         let mut e2e: Vec<f64> = live
             .iter()
             .map(|s| s.bytes / (1 << 20) as f64 / (s.total_ms / 1e3))
             .collect();
         let (stream, whole) = (median(&mut rates), median(&mut e2e));
-        println!("  {:<44} {:>12.0}", "streaming to memory.bin, median (MiB/s)", stream);
-        println!("  {:<44} {:>12.0}", "end to end incl. checksums+fsync (MiB/s)", whole);
-        println!("  {:<44} {:>12.0}", "dd to the same file system (MiB/s)", dd);
+        println!(
+            "  {:<44} {:>12.0}",
+            "streaming to memory.bin, median (MiB/s)", stream
+        );
+        println!(
+            "  {:<44} {:>12.0}",
+            "end to end incl. checksums+fsync (MiB/s)", whole
+        );
+        println!(
+            "  {:<44} {:>12.0}",
+            "dd to the same file system (MiB/s)", dd
+        );
         println!("  {:<44} {:>12.2}", "end to end / dd", whole / dd);
-        println!("  {:<44} {:>12.0}", "write faults served per snapshot (mean)", faults);
-        println!("  {:<44} {:>12.1}", "fault service p50, median over snapshots (us)", median(&mut p50));
-        println!("  {:<44} {:>12.1}", "fault service p99, median over snapshots (us)", median(&mut p99));
-        println!("  {:<44} {:>12.0}", "pages re-protected in the pause (median)", median(&mut window));
-        println!("  {:<44} {:>12.0}", "memstamp MiB/s per vCPU before", g_before);
-        println!("  {:<44} {:>12.0}", "memstamp MiB/s per vCPU during snapshots", g_during);
+        println!(
+            "  {:<44} {:>12.0}",
+            "write faults served per snapshot (mean)", faults
+        );
+        println!(
+            "  {:<44} {:>12.1}",
+            "fault service p50, median over snapshots (us)",
+            median(&mut p50)
+        );
+        println!(
+            "  {:<44} {:>12.1}",
+            "fault service p99, median over snapshots (us)",
+            median(&mut p99)
+        );
+        println!(
+            "  {:<44} {:>12.0}",
+            "pages re-protected in the pause (median)",
+            median(&mut window)
+        );
+        println!(
+            "  {:<44} {:>12.0}",
+            "memstamp MiB/s per vCPU before", g_before
+        );
+        println!(
+            "  {:<44} {:>12.0}",
+            "memstamp MiB/s per vCPU during snapshots", g_during
+        );
         println!("  {:<44} {:>12.2}", "during / before", g_during / g_before);
     }
     println!();
-    println!("(QEMU's background-snapshot baseline is not run by this command; see the issue notes.)");
+    println!(
+        "(QEMU's background-snapshot baseline is not run by this command; see the issue notes.)"
+    );
     Ok(())
 }

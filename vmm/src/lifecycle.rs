@@ -451,7 +451,7 @@ pub fn wait_job(socket: &Path, id: &str, what: &str) -> Result<Value, LifecycleE
             b.set_length(total);
             b.set_position(done);
         } else if last_line.elapsed() >= Duration::from_secs(1) {
-            let pct = if total > 0 { done * 100 / total } else { 0 };
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
             eprintln!("{what}: {pct}% ({} of {} MiB)", done >> 20, total >> 20);
             last_line = Instant::now();
         }
