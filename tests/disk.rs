@@ -229,3 +229,27 @@ fn overlay_never_overwrites() {
     ]);
     assert_one_line_error(&r, &["already exists"]);
 }
+
+#[test]
+fn qcow2_stays_consistent_when_the_vmm_is_killed_mid_write() {
+    let d = TempDir::new("kill");
+    let base = d.join("base.raw");
+    raw_zero_disk(&base, 4);
+    let top = d.join("top.qcow2");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    assert_eq!(snapvm(&["disk", "overlay", &s(&base), &s(&top)]).code(), 0);
+    let mut w = snapvm_tests::Watched::spawn(
+        Command::new(snapvm_bin())
+            .arg("run")
+            .arg("--kernel")
+            .arg(testguest())
+            .args(["--cmdline", "workload=diskstamp blocks=1000 passes=0 seed=3"])
+            .args(["--memory", "64M", "--disk", &s(&top)]),
+    );
+    w.wait_for("TESTGUEST PASS", T).expect("a first diskstamp pass");
+    std::thread::sleep(Duration::from_millis(150));
+    w.signal(libc::SIGKILL);
+    w.wait(T);
+    let c = qemu_img(&["check", &s(&top)]);
+    assert_eq!(c.code(), 0, "qemu-img check after kill -9: {c:?}");
+}

@@ -340,6 +340,16 @@ impl Disk {
         self.access.write_zeroes(offset, len)
     }
 
+    /// Writes cached metadata (L2 tables, refcounts) to the image file
+    /// without fsync: the image is consistent for any reader, and survives
+    /// the death of this process (not a power loss: see [`Disk::flush`]).
+    pub fn write_back(&self) -> io::Result<()> {
+        if self.readonly {
+            return Ok(());
+        }
+        self.access.flush()
+    }
+
     /// Makes every completed write durable (metadata and data).
     pub fn flush(&self) -> io::Result<()> {
         self.access.flush()?;

@@ -100,7 +100,7 @@ fn run_until(
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| BenchError::Spawn {
             what: engine.name().into(),
@@ -110,6 +110,14 @@ fn run_until(
         what: engine.name().into(),
         message: "no stdout".into(),
     })?;
+    let stderr = child.stderr.take();
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = stderr {
+            let _ = std::io::Read::read_to_string(&mut e, &mut s);
+        }
+        s
+    });
     let mut lines = Vec::new();
     let mut at = None;
     for line in BufReader::new(stdout).lines() {
@@ -126,11 +134,12 @@ fn run_until(
     }
     let _ = child.kill();
     let _ = child.wait();
+    let errors = errors.join().unwrap_or_default();
     match at {
         Some(t) => Ok((lines, t)),
         None => Err(BenchError::Guest {
             what: engine.name().into(),
-            message: format!("no '{until}' line; output: {lines:?}"),
+            message: format!("no '{until}' line; output: {lines:?}; stderr: {}", errors.trim()),
         }),
     }
 }
@@ -386,13 +395,16 @@ pub fn disk(b: &DiskBench) -> Result<(), BenchError> {
         ("qcow2, 3 layers", &top),
     ];
     for (name, path) in layouts {
+        // The host's writes go to a copy: they would clobber qcow2 metadata.
+        let host_copy = dir.join("host-copy");
+        std::fs::copy(path, &host_copy).map_err(io("copy for the host baseline"))?;
         for mode in MODES {
             let g = guest_disk_mibps(b, path, mode, b.requests)?;
-            let h = host_disk_mibps(path, mode, b.requests, b.blocks)?;
+            let h = host_disk_mibps(&host_copy, mode, b.requests, b.blocks)?;
             println!("{name:<22} {mode:<10} {g:>12.1} {h:>12.1} {:>11.3}", g / h);
         }
     }
-    println!("(host = pread/pwrite of the same file from the host, same pattern, same run)");
+    println!("(host = pread/pwrite of a copy of the same file from the host, same pattern, same run)");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

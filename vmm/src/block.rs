@@ -86,4 +86,8 @@ impl BlockBackend for DiskBackend {
     fn flush(&self) -> io::Result<()> {
         self.with(|d| d.flush())
     }
+
+    fn write_back(&self) -> io::Result<()> {
+        self.with(|d| d.write_back())
+    }
 }

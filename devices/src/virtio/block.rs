@@ -57,6 +57,12 @@ pub trait BlockBackend: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes completed writes durable.
     fn flush(&self) -> io::Result<()>;
+    /// Writes cached metadata to the host (no fsync), so the image stays
+    /// consistent if the VMM process dies; called after each batch of
+    /// writes.
+    fn write_back(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Serves requests of one queue.
@@ -90,19 +96,30 @@ impl RequestHandler {
     /// Processes every available request; returns whether the driver
     /// should be interrupted.
     pub fn process_queue(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
+        let mut done = Vec::new();
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             // The chain iterator stops at loops (TTL = queue size), indexes
             // beyond the table and unreadable descriptors.
             let descs: Vec<Descriptor> = chain.take(QUEUE_SIZE as usize + 1).collect();
             let len = self.handle(&descs, mem);
+            done.push((head, len));
+        }
+        if done.is_empty() {
+            return false;
+        }
+        // Image metadata reaches the host before the guest sees completion.
+        if !self.readonly {
+            if let Err(e) = self.backend.write_back() {
+                tracing::warn!("virtio-blk: cannot write image metadata back: {e}");
+            }
+        }
+        for (head, len) in done {
             if let Err(e) = queue.add_used(mem, head, len) {
                 tracing::warn!("virtio-blk: cannot complete request {head}: {e:?}");
             }
-            used_any = true;
         }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        queue.needs_notification(mem).unwrap_or(true)
     }
 
     /// Handles one request; returns the number of bytes written into
@@ -176,23 +193,28 @@ impl RequestHandler {
                 let mut offset = start;
                 for d in data {
                     let mut buf = vec![0u8; d.len() as usize];
+                    let io_err = |e: io::Error| {
+                        tracing::warn!("virtio-blk: I/O error at byte {offset}: {e}");
+                        Bad::Io
+                    };
                     if reading {
-                        self.backend
-                            .read_at(&mut buf, offset)
-                            .map_err(|_| Bad::Io)?;
+                        self.backend.read_at(&mut buf, offset).map_err(io_err)?;
                         mem.write_slice(&buf, d.addr())
                             .map_err(|_| Bad::Malformed("buffer outside guest memory"))?;
                     } else {
                         mem.read_slice(&mut buf, d.addr())
                             .map_err(|_| Bad::Malformed("buffer outside guest memory"))?;
-                        self.backend.write_at(&buf, offset).map_err(|_| Bad::Io)?;
+                        self.backend.write_at(&buf, offset).map_err(io_err)?;
                     }
                     offset += d.len() as u64;
                 }
                 Ok(if reading { total as u32 } else { 0 })
             }
             VIRTIO_BLK_T_FLUSH => {
-                self.backend.flush().map_err(|_| Bad::Io)?;
+                self.backend.flush().map_err(|e| {
+                    tracing::warn!("virtio-blk: flush failed: {e}");
+                    Bad::Io
+                })?;
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
