@@ -243,10 +243,14 @@ fn qcow2_stays_consistent_when_the_vmm_is_killed_mid_write() {
             .arg("run")
             .arg("--kernel")
             .arg(testguest())
-            .args(["--cmdline", "workload=diskstamp blocks=1000 passes=0 seed=3"])
+            .args([
+                "--cmdline",
+                "workload=diskstamp blocks=1000 passes=0 seed=3",
+            ])
             .args(["--memory", "64M", "--disk", &s(&top)]),
     );
-    w.wait_for("TESTGUEST PASS", T).expect("a first diskstamp pass");
+    w.wait_for("TESTGUEST PASS", T)
+        .expect("a first diskstamp pass");
     std::thread::sleep(Duration::from_millis(150));
     w.signal(libc::SIGKILL);
     w.wait(T);

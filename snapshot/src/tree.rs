@@ -154,6 +154,35 @@ impl Tree {
         })
     }
 
+    /// Loads, changes and saves the tree at `path` under an exclusive lock
+    /// (`<path>.lock`), so concurrent updaters (the VMM taking a snapshot,
+    /// the CLI renaming one) never lose each other's changes.
+    pub fn update<T>(
+        path: &Path,
+        f: impl FnOnce(&mut Tree) -> Result<T, TreeError>,
+    ) -> Result<T, TreeError> {
+        use std::os::fd::AsRawFd;
+        let lock_path = path.with_extension("lock");
+        let io = |source| TreeError::Io {
+            path: lock_path.clone(),
+            source,
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io)?;
+        // SAFETY: flock on a descriptor we own; released when `lock` closes.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        let mut tree = Tree::load(path)?;
+        let r = f(&mut tree)?;
+        tree.save(path)?;
+        Ok(r)
+    }
+
     /// Finds a snapshot by id, unique id prefix or unique name.
     pub fn resolve(&self, reference: &str) -> Result<&SnapshotMeta, TreeError> {
         if let Some(s) = self.snapshots.iter().find(|s| s.id == reference) {
@@ -192,6 +221,15 @@ impl Tree {
     pub fn add(&mut self, meta: SnapshotMeta) {
         self.now = Some(meta.id.clone());
         self.snapshots.push(meta);
+    }
+
+    /// Mutable access to a snapshot by reference.
+    pub fn resolve_mut(&mut self, reference: &str) -> Result<&mut SnapshotMeta, TreeError> {
+        let id = self.resolve(reference)?.id.clone();
+        self.snapshots
+            .iter_mut()
+            .find(|s| s.id == id)
+            .ok_or(TreeError::NotFound(reference.into()))
     }
 
     /// Children of `id`.
@@ -245,6 +283,30 @@ mod tests {
         ));
         assert!(matches!(t.resolve("zzzz"), Err(TreeError::NotFound(_))));
         assert_eq!(t.children("aaaa1111-0000").len(), 1);
+    }
+
+    #[test]
+    fn concurrent_updates_are_not_lost() {
+        let p = std::env::temp_dir().join(format!("snapvm-tree-upd-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    Tree::update(&p, |t| {
+                        t.add(meta(&format!("id-{i}"), "x", None));
+                        Ok(())
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(Tree::load(&p).unwrap().snapshots.len(), 8);
+        std::fs::remove_file(&p).unwrap();
+        let _ = std::fs::remove_file(p.with_extension("lock"));
     }
 
     #[test]

@@ -139,7 +139,10 @@ fn run_until(
         Some(t) => Ok((lines, t)),
         None => Err(BenchError::Guest {
             what: engine.name().into(),
-            message: format!("no '{until}' line; output: {lines:?}; stderr: {}", errors.trim()),
+            message: format!(
+                "no '{until}' line; output: {lines:?}; stderr: {}",
+                errors.trim()
+            ),
         }),
     }
 }
@@ -404,7 +407,9 @@ pub fn disk(b: &DiskBench) -> Result<(), BenchError> {
             println!("{name:<22} {mode:<10} {g:>12.1} {h:>12.1} {:>11.3}", g / h);
         }
     }
-    println!("(host = pread/pwrite of a copy of the same file from the host, same pattern, same run)");
+    println!(
+        "(host = pread/pwrite of a copy of the same file from the host, same pattern, same run)"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -520,8 +520,70 @@ pub fn snapshot_create(
     Ok(())
 }
 
-/// `snapvm snapshot list` (flat; the tree view comes with snapshot apply).
-pub fn snapshot_list(root: &Path, json_out: bool) -> Result<(), LifecycleError> {
+fn when(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .trim_end_matches('Z')
+        .replace('T', " ")
+}
+
+fn tree_label(s: &snapshot::tree::SnapshotMeta) -> String {
+    let pause = s
+        .pause_us
+        .map(|p| format!(", paused {:.2} ms", p as f64 / 1000.0))
+        .unwrap_or_default();
+    format!(
+        "{} ({}) {} {}{pause}",
+        s.name,
+        &s.id[..8.min(s.id.len())],
+        format!("{:?}", s.power_state).to_lowercase(),
+        when(s.created_ms)
+    )
+}
+
+fn tree_walk(tree: &Tree, parent: Option<&str>, prefix: &str, out: &mut String) {
+    let orphan = |s: &snapshot::tree::SnapshotMeta| {
+        s.parent
+            .as_deref()
+            .is_some_and(|p| !tree.snapshots.iter().any(|x| x.id == p))
+    };
+    let mut items: Vec<Option<&snapshot::tree::SnapshotMeta>> = tree
+        .snapshots
+        .iter()
+        .filter(|s| s.parent.as_deref() == parent || (parent.is_none() && orphan(s)))
+        .map(Some)
+        .collect();
+    if tree.now.as_deref() == parent {
+        items.push(None); // "Now"
+    }
+    let n = items.len();
+    for (i, item) in items.into_iter().enumerate() {
+        let (branch, cont) = if i + 1 == n {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
+        match item {
+            Some(s) => {
+                out.push_str(&format!("{prefix}{branch}{}\n", tree_label(s)));
+                tree_walk(tree, Some(&s.id), &format!("{prefix}{cont}"), out);
+            }
+            None => out.push_str(&format!("{prefix}{branch}Now\n")),
+        }
+    }
+}
+
+/// The snapshot tree as text: each snapshot under its parent, and "Now"
+/// under the snapshot the current state hangs from.
+pub fn render_tree(tree: &Tree) -> String {
+    let mut out = String::new();
+    tree_walk(tree, None, "", &mut out);
+    out
+}
+
+/// `snapvm snapshot list`.
+pub fn snapshot_list(root: &Path, json_out: bool, as_tree: bool) -> Result<(), LifecycleError> {
     let dir = VmDir::open(root)?;
     let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
     if json_out {
@@ -529,6 +591,10 @@ pub fn snapshot_list(root: &Path, json_out: bool) -> Result<(), LifecycleError> 
             "{}",
             serde_json::to_string_pretty(&tree).unwrap_or_default()
         );
+        return Ok(());
+    }
+    if as_tree {
+        print!("{}", render_tree(&tree));
         return Ok(());
     }
     println!("{:<36}  {:<8} {:>10}  NAME", "ID", "STATE", "PAUSE us");
@@ -549,4 +615,43 @@ pub fn snapshot_list(root: &Path, json_out: bool) -> Result<(), LifecycleError> 
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshot::tree::{SnapshotMeta, Tree};
+
+    fn meta(id: &str, name: &str, parent: Option<&str>) -> SnapshotMeta {
+        SnapshotMeta {
+            id: id.into(),
+            name: name.into(),
+            description: String::new(),
+            created_ms: 0,
+            parent: parent.map(str::to_string),
+            power_state: PowerState::Running,
+            pause_us: None,
+            memory_bytes: 0,
+            duration_ms: 0,
+            disks: vec![],
+        }
+    }
+
+    #[test]
+    fn tree_shows_branches_and_now() {
+        let mut t = Tree::default();
+        t.add(meta("aaaaaaaa-1", "A", None));
+        t.add(meta("bbbbbbbb-1", "B", Some("aaaaaaaa-1")));
+        t.add(meta("cccccccc-1", "C", Some("aaaaaaaa-1")));
+        t.now = Some("aaaaaaaa-1".into());
+        let text = render_tree(&t);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("└── A (aaaaaaaa) running"), "{text}");
+        assert!(lines[1].starts_with("    ├── B (bbbbbbbb)"), "{text}");
+        assert!(lines[2].starts_with("    ├── C (cccccccc)"), "{text}");
+        assert_eq!(lines[3], "    └── Now");
+        t.now = None;
+        assert!(render_tree(&t).ends_with("└── Now\n"));
+    }
 }

@@ -124,13 +124,42 @@ enum SnapshotCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// List the snapshots.
+    /// List the snapshots: id, power state, pause, name, and where "Now" is.
     List {
         /// The VM directory.
         vmdir: PathBuf,
         /// Print JSON (the tree).
         #[arg(long)]
         json: bool,
+        /// Draw the tree: each snapshot under its parent, "Now" under the
+        /// snapshot the current state hangs from.
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Show one snapshot: metadata, parent, children, size on disk.
+    Show {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+    },
+    /// Rename a snapshot (names need not be unique; ids are).
+    Rename {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// The new name.
+        name: String,
+    },
+    /// Set a snapshot's description.
+    Describe {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// The description.
+        text: String,
     },
 }
 
@@ -410,9 +439,31 @@ fn lifecycle(cmd: Command) -> ExitCode {
             no_wait,
         }) => lifecycle::snapshot_create(&vmdir, name, description, no_wait)
             .map_err(|e| e.to_string()),
-        Command::Snapshot(SnapshotCommand::List { vmdir, json }) => {
-            lifecycle::snapshot_list(&vmdir, json).map_err(|e| e.to_string())
+        Command::Snapshot(SnapshotCommand::List { vmdir, json, tree }) => {
+            lifecycle::snapshot_list(&vmdir, json, tree).map_err(|e| e.to_string())
         }
+        Command::Snapshot(SnapshotCommand::Show { vmdir, snapshot }) => {
+            vmm::vmdir::VmDir::open(&vmdir)
+                .map_err(|e| e.to_string())
+                .and_then(|d| vmm::snapshots::show(&d, &snapshot).map_err(|e| e.to_string()))
+                .map(|v| print_json(&v))
+        }
+        Command::Snapshot(SnapshotCommand::Rename {
+            vmdir,
+            snapshot,
+            name,
+        }) => vmm::vmdir::VmDir::open(&vmdir)
+            .map_err(|e| e.to_string())
+            .and_then(|d| vmm::snapshots::rename(&d, &snapshot, &name).map_err(|e| e.to_string()))
+            .map(|m| println!("renamed {} to \"{}\"", m.id, m.name)),
+        Command::Snapshot(SnapshotCommand::Describe {
+            vmdir,
+            snapshot,
+            text,
+        }) => vmm::vmdir::VmDir::open(&vmdir)
+            .map_err(|e| e.to_string())
+            .and_then(|d| vmm::snapshots::describe(&d, &snapshot, &text).map_err(|e| e.to_string()))
+            .map(|m| println!("described {}", m.id)),
         Command::Stop { vmdir, force } => lifecycle::stop(&vmdir, force)
             .map(|()| println!("stopped {}", vmdir.display()))
             .map_err(|e| e.to_string()),

@@ -188,12 +188,11 @@ impl Staging {
         std::fs::rename(&self.partial, &final_dir).map_err(io_err("cannot publish", &final_dir))?;
         sync_dir(&snapshots_dir(dir)).map_err(io_err("cannot fsync", &snapshots_dir(dir)))?;
         meta.duration_ms = started.elapsed().as_millis() as u64;
-        let tp = tree_path(dir);
-        let mut tree = Tree::load(&tp)?;
-        meta.parent = tree.now.clone();
-        tree.add(meta.clone());
-        tree.save(&tp)?;
-        Ok(meta)
+        Ok(Tree::update(&tree_path(dir), |tree| {
+            meta.parent = tree.now.clone();
+            tree.add(meta.clone());
+            Ok(meta)
+        })?)
     }
 }
 
@@ -517,9 +516,11 @@ pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, 
     }
     snap_toml.name = previous_toml.name.clone();
     dir.save(&snap_toml)?;
-    let mut new_tree = tree.clone();
-    new_tree.now = Some(snap.id.clone());
-    new_tree.save(&tp)?;
+    let id = snap.id.clone();
+    Tree::update(&tp, |t| {
+        t.now = Some(id);
+        Ok(())
+    })?;
     Ok(PreparedRestore {
         snapshot: snap,
         state,
@@ -531,16 +532,67 @@ pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, 
 }
 
 impl PreparedRestore {
-    /// Puts vm.toml and tree.json back and removes the new layers.
+    /// Puts vm.toml and "Now" back and removes the new layers.
     pub fn rollback(&self, dir: &VmDir) {
         if let Err(e) = dir.save(&self.previous_toml) {
             tracing::error!("cannot restore vm.toml: {e}");
         }
-        if let Err(e) = self.previous_tree.save(&tree_path(dir)) {
+        let now = self.previous_tree.now.clone();
+        if let Err(e) = Tree::update(&tree_path(dir), |t| {
+            t.now = now;
+            Ok(())
+        }) {
             tracing::error!("cannot restore tree.json: {e}");
         }
         for l in &self.new_layers {
             let _ = std::fs::remove_file(l);
         }
     }
+}
+
+/// Renames snapshot `reference`.
+pub fn rename(dir: &VmDir, reference: &str, name: &str) -> Result<SnapshotMeta, SnapshotError> {
+    Ok(Tree::update(&tree_path(dir), |t| {
+        let s = t.resolve_mut(reference)?;
+        s.name = name.to_string();
+        Ok(s.clone())
+    })?)
+}
+
+/// Sets the description of snapshot `reference`.
+pub fn describe(dir: &VmDir, reference: &str, text: &str) -> Result<SnapshotMeta, SnapshotError> {
+    Ok(Tree::update(&tree_path(dir), |t| {
+        let s = t.resolve_mut(reference)?;
+        s.description = text.to_string();
+        Ok(s.clone())
+    })?)
+}
+
+fn file_size(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// Details of snapshot `reference`: its metadata, children, whether "Now"
+/// hangs under it, and its size on disk (files and frozen disk layers).
+pub fn show(dir: &VmDir, reference: &str) -> Result<serde_json::Value, SnapshotError> {
+    let tree = Tree::load(&tree_path(dir))?;
+    let s = tree.resolve(reference)?;
+    let sdir = snapshots_dir(dir).join(&s.id);
+    let files: u64 = ["vm.toml", "state.bin", "memory.bin"]
+        .iter()
+        .map(|f| file_size(&sdir.join(f)))
+        .sum();
+    let layers: u64 = s
+        .disks
+        .iter()
+        .map(|d| file_size(&dir.resolve(&d.layer)))
+        .sum();
+    let children: Vec<&str> = tree.children(&s.id).iter().map(|c| c.id.as_str()).collect();
+    Ok(serde_json::json!({
+        "snapshot": s,
+        "children": children,
+        "now_here": tree.now.as_deref() == Some(s.id.as_str()),
+        "size_on_disk": { "files": files, "disk_layers": layers, "total": files + layers },
+    }))
 }
