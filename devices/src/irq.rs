@@ -17,6 +17,11 @@ impl IrqLine {
         })
     }
 
+    /// Wraps an existing eventfd (e.g. a clone of one KVM already knows).
+    pub fn from_eventfd(evt: EventFd) -> Self {
+        Self { evt }
+    }
+
     /// The eventfd to register with KVM_IRQFD.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt

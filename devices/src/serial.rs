@@ -106,6 +106,18 @@ impl SerialDevice {
         Ok(Self { uart })
     }
 
+    /// Loads a snapshot's registers and FIFO into this UART, keeping its
+    /// interrupt line and output.
+    pub fn restore(&mut self, snap: &SerialSnapshot) -> std::io::Result<()> {
+        let placeholder = Serial::new(IrqLine::new()?, Box::new(std::io::sink()) as SerialOutput);
+        let old = std::mem::replace(&mut self.uart, placeholder);
+        let irq = IrqLine::from_eventfd(old.interrupt_evt().eventfd().try_clone()?);
+        let out = old.into_writer();
+        self.uart = Serial::from_state(&SerialState::from(snap), irq, NoEvents, out)
+            .map_err(|e| std::io::Error::other(format!("invalid serial state: {e:?}")))?;
+        Ok(())
+    }
+
     /// The UART's state for a snapshot.
     pub fn snapshot(&self) -> SerialSnapshot {
         self.uart.state().into()

@@ -57,6 +57,12 @@ pub trait ApiBackend: Send + Sync {
         description: String,
         stop_and_copy: bool,
     ) -> Result<Value, ApiError>;
+    /// POST /snapshots/{ref}/apply: starts an apply job; returns `{"job": id}`.
+    fn apply_snapshot(
+        &self,
+        reference: &str,
+        save_current: Option<Option<String>>,
+    ) -> Result<Value, ApiError>;
     /// GET /snapshots: the snapshot tree.
     fn snapshots(&self) -> Result<Value, ApiError>;
 }
@@ -140,14 +146,36 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
                 backend.create_snapshot(name, description, stop_and_copy)?,
             ))
         }
+        (["snapshots", reference, "apply"], Method::Post) => {
+            let body = read_json(req)?;
+            let save_current = match body.get("save_current") {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+                Some(Value::Bool(true)) => Some(None),
+                Some(Value::String(n)) => Some(Some(n.clone())),
+                Some(_) => {
+                    return Err(ApiError::BadRequest(
+                        "'save_current' must be a boolean or a name".into(),
+                    ))
+                }
+            };
+            Ok((202, backend.apply_snapshot(reference, save_current)?))
+        }
         (["jobs", id], Method::Get) => backend
             .jobs()
             .get(id)
             .map(|j| (200, json!(j)))
             .ok_or_else(|| ApiError::NotFound(format!("no job {id}"))),
-        (["vm"] | ["vm", "state"] | ["jobs"] | ["jobs", _], m) => Err(ApiError::MethodNotAllowed(
-            format!("{m} is not allowed on {url}"),
-        )),
+        (
+            ["vm"]
+            | ["vm", "state"]
+            | ["jobs"]
+            | ["jobs", _]
+            | ["snapshots"]
+            | ["snapshots", _, "apply"],
+            m,
+        ) => Err(ApiError::MethodNotAllowed(format!(
+            "{m} is not allowed on {url}"
+        ))),
         _ => Err(ApiError::NotFound(format!("no such endpoint: {url}"))),
     }
 }

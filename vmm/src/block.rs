@@ -53,6 +53,12 @@ impl DiskBackend {
         }
     }
 
+    /// Replaces the disk (applying a snapshot: new working layer over the
+    /// snapshot's layers). The device must be reset or quiesced.
+    pub fn replace(&self, disk: Disk) {
+        *self.disk.write().unwrap_or_else(|e| e.into_inner()) = Some(disk);
+    }
+
     /// The current top layer.
     pub fn top(&self) -> Option<std::path::PathBuf> {
         self.disk

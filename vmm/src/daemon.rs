@@ -75,13 +75,13 @@ impl Power {
 /// What the API acts on.
 pub struct Controller {
     vm: Arc<Mutex<Vm>>,
-    power: Mutex<Power>,
+    power: Arc<Mutex<Power>>,
     started: Instant,
     dir: VmDir,
     toml: Arc<Mutex<VmToml>>,
     jobs: Arc<Jobs>,
-    stop_evt: EventFd,
-    stopping: AtomicBool,
+    stop_evt: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Controller {
@@ -95,7 +95,7 @@ impl Controller {
 
     /// Waits for running jobs (they may read guest memory) to end.
     fn wait_jobs(&self) {
-        while self.jobs.running(&[SNAPSHOT_JOB]).is_some() {
+        while self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]).is_some() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
@@ -103,6 +103,8 @@ impl Controller {
 
 /// Kind of the live snapshot job.
 pub const SNAPSHOT_JOB: &str = "snapshot-create";
+/// Kind of the snapshot apply job.
+pub const APPLY_JOB: &str = "snapshot-apply";
 
 /// The layers of every disk, top first.
 pub fn disk_status(dir: &VmDir, toml: &VmToml) -> Value {
@@ -171,7 +173,7 @@ impl ApiBackend for Controller {
             }
             ("stopped", _) => {
                 drop(power);
-                if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB]) {
+                if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]) {
                     return Err(ApiError::Conflict(format!(
                         "snapshot job {} is running; stop after it ends (or stop --force)",
                         j.id
@@ -226,6 +228,69 @@ impl ApiBackend for Controller {
                     json!(r)
                 })
                 .map_err(|e| e.to_string())
+        });
+        Ok(json!({ "job": id }))
+    }
+
+    fn apply_snapshot(
+        &self,
+        reference: &str,
+        save_current: Option<Option<String>>,
+    ) -> Result<Value, ApiError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::Conflict("the VM is stopping".into()));
+        }
+        if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]) {
+            return Err(ApiError::Conflict(format!(
+                "{} job {} is still running",
+                j.kind, j.id
+            )));
+        }
+        // A bad reference is the request's fault: answer it directly.
+        snapshot::tree::Tree::load(&crate::snapshots::tree_path(&self.dir))
+            .and_then(|t| t.resolve(reference).map(|_| ()))
+            .map_err(|e| match e {
+                snapshot::tree::TreeError::NotFound(_) => ApiError::NotFound(e.to_string()),
+                snapshot::tree::TreeError::Ambiguous { .. } => ApiError::BadRequest(e.to_string()),
+                _ => ApiError::Internal(e.to_string()),
+            })?;
+        let running = self.power() == Power::Running;
+        let (vm, dir, toml, power) = (
+            self.vm.clone(),
+            self.dir.clone(),
+            self.toml.clone(),
+            self.power.clone(),
+        );
+        let (stop_evt, stopping) = (self.stop_evt.clone(), self.stopping.clone());
+        let reference = reference.to_string();
+        let id = self.jobs.spawn(APPLY_JOB, move |job| {
+            let r = crate::snapshots::apply_live(
+                &vm,
+                &dir,
+                &toml,
+                running,
+                &reference,
+                save_current,
+                job,
+            );
+            let mut p = power.lock().unwrap_or_else(|e| e.into_inner());
+            match &r {
+                Ok(a) => match a.power_state {
+                    snapshot::tree::PowerState::Running => *p = Power::Running,
+                    snapshot::tree::PowerState::Paused => *p = Power::Paused,
+                    snapshot::tree::PowerState::Off => {
+                        stopping.store(true, Ordering::SeqCst);
+                        let _ = stop_evt.write(1);
+                    }
+                },
+                // A failed apply leaves the vCPUs paused.
+                Err(_) => *p = Power::Paused,
+            }
+            r.map(|a| {
+                tracing::info!("applied snapshot {} in {} ms", a.applied.id, a.apply_ms);
+                json!(a)
+            })
+            .map_err(|e| e.to_string())
         });
         Ok(json!({ "job": id }))
     }
@@ -376,17 +441,19 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
     let vm_stop_fd = vm.stop_eventfd().as_raw_fd();
     let controller = Arc::new(Controller {
         vm: Arc::new(Mutex::new(vm)),
-        power: Mutex::new(if paused {
+        power: Arc::new(Mutex::new(if paused {
             Power::Paused
         } else {
             Power::Running
-        }),
+        })),
         started: Instant::now(),
         dir: dir.clone(),
         toml: Arc::new(Mutex::new(toml)),
         jobs: Jobs::new(),
-        stop_evt: EventFd::new(EFD_NONBLOCK).map_err(io_err("create", Path::new("eventfd")))?,
-        stopping: AtomicBool::new(false),
+        stop_evt: Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(io_err("create", Path::new("eventfd")))?,
+        ),
+        stopping: Arc::new(AtomicBool::new(false)),
     });
     let server =
         Arc::new(api_server::bind(&dir.api_socket()).map_err(io_err("bind", &dir.api_socket()))?);

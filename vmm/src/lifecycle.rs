@@ -520,6 +520,72 @@ pub fn snapshot_create(
     Ok(())
 }
 
+/// `snapvm snapshot apply`.
+pub fn snapshot_apply(
+    root: &Path,
+    reference: &str,
+    save_current: Option<String>,
+) -> Result<(), LifecycleError> {
+    let dir = VmDir::open(root)?;
+    let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
+    let target = tree
+        .resolve(reference)
+        .map_err(SnapshotError::from)?
+        .clone();
+    if is_running(&dir) {
+        let body = match save_current {
+            None => json!({}),
+            Some(n) if n.is_empty() => json!({ "save_current": true }),
+            Some(n) => json!({ "save_current": n }),
+        };
+        let job = api_client::request(
+            &dir.api_socket(),
+            "POST",
+            &format!("/snapshots/{}/apply", target.id),
+            Some(&body),
+        )?;
+        let id = job["job"].as_str().unwrap_or_default().to_string();
+        let r = wait_job(&dir.api_socket(), &id, "apply")?;
+        if let Some(saved) = r["saved_current"]["id"].as_str() {
+            println!("saved the current state as snapshot {saved}");
+        }
+        println!(
+            "applied snapshot {} \"{}\" in {} ms; the VM is {}",
+            target.id,
+            target.name,
+            r["apply_ms"],
+            match r["power_state"].as_str() {
+                Some("off") => "off",
+                Some("paused") => "paused",
+                _ => "running",
+            }
+        );
+        if r["power_state"] == "off" {
+            let deadline = Instant::now() + WAIT;
+            while is_running(&dir) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        return Ok(());
+    }
+    if let Some(n) = save_current {
+        let opts = CreateOptions {
+            name: (!n.is_empty()).then_some(n),
+            ..Default::default()
+        };
+        let m = crate::snapshots::create_off(&dir, &opts)?;
+        println!("saved the current state as snapshot {}", m.id);
+    }
+    let v = start_from(root, false, Some(&target.id))?;
+    println!(
+        "applied snapshot {} \"{}\"; the VM is {}",
+        target.id,
+        target.name,
+        v["state"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
 fn when(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
     humantime::format_rfc3339_seconds(t)

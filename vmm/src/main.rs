@@ -136,6 +136,19 @@ enum SnapshotCommand {
         #[arg(long)]
         tree: bool,
     },
+    /// Apply (revert to) a snapshot: the VM continues from its instant in
+    /// its power state (running, paused, or off), on new empty disk layers
+    /// over its layers. A running VM is switched in place by its VMM.
+    Apply {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// First take a snapshot of the current state (optionally named), so
+        /// nothing is lost.
+        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+        save_current: Option<String>,
+    },
     /// Show one snapshot: metadata, parent, children, size on disk.
     Show {
         /// The VM directory.
@@ -442,6 +455,11 @@ fn lifecycle(cmd: Command) -> ExitCode {
         Command::Snapshot(SnapshotCommand::List { vmdir, json, tree }) => {
             lifecycle::snapshot_list(&vmdir, json, tree).map_err(|e| e.to_string())
         }
+        Command::Snapshot(SnapshotCommand::Apply {
+            vmdir,
+            snapshot,
+            save_current,
+        }) => lifecycle::snapshot_apply(&vmdir, &snapshot, save_current).map_err(|e| e.to_string()),
         Command::Snapshot(SnapshotCommand::Show { vmdir, snapshot }) => {
             vmm::vmdir::VmDir::open(&vmdir)
                 .map_err(|e| e.to_string())

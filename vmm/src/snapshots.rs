@@ -532,6 +532,11 @@ pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, 
 }
 
 impl PreparedRestore {
+    /// The new working layers, in disk order.
+    pub fn new_layers(&self) -> &[PathBuf] {
+        &self.new_layers
+    }
+
     /// Puts vm.toml and "Now" back and removes the new layers.
     pub fn rollback(&self, dir: &VmDir) {
         if let Err(e) = dir.save(&self.previous_toml) {
@@ -595,4 +600,84 @@ pub fn show(dir: &VmDir, reference: &str) -> Result<serde_json::Value, SnapshotE
         "now_here": tree.now.as_deref() == Some(s.id.as_str()),
         "size_on_disk": { "files": files, "disk_layers": layers, "total": files + layers },
     }))
+}
+
+/// Result of applying a snapshot to a running VMM.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyResult {
+    /// The snapshot applied.
+    pub applied: SnapshotMeta,
+    /// The snapshot of the state before, with --save-current.
+    pub saved_current: Option<SnapshotMeta>,
+    /// The power state the VM continues in.
+    pub power_state: PowerState,
+    /// Time from the request to the guest running again (or being ready).
+    pub apply_ms: u64,
+}
+
+/// Applies snapshot `reference` to the VM whose VMM runs, in place: with
+/// `save_current`, first takes a snapshot of the current state (named by
+/// the inner option). Returns the power state to continue in; the caller
+/// resumes the vCPUs for a running snapshot. A snapshot taken powered off
+/// leaves the VM's disks and configuration set and returns `Off` (the
+/// caller stops the VMM).
+#[allow(clippy::too_many_arguments)]
+pub fn apply_live(
+    vm: &Mutex<Vm>,
+    dir: &VmDir,
+    toml: &Mutex<VmToml>,
+    running: bool,
+    reference: &str,
+    save_current: Option<Option<String>>,
+    job: &JobHandle,
+) -> Result<ApplyResult, SnapshotError> {
+    let t0 = Instant::now();
+    // Resolve first: a bad reference must not take a snapshot.
+    let target = Tree::load(&tree_path(dir))?.resolve(reference)?.clone();
+    let saved_current = match save_current {
+        Some(name) => {
+            let opts = CreateOptions {
+                name: name.or_else(|| Some(format!("before applying {}", target.name))),
+                ..Default::default()
+            };
+            Some(create_live(vm, dir, toml, running, &opts, job)?.snapshot)
+        }
+        None => None,
+    };
+    let t0 = if saved_current.is_some() {
+        Instant::now()
+    } else {
+        t0
+    };
+    let mut prepared = prepare_restore(dir, &target.id)?;
+    let vmg = vm.lock().unwrap_or_else(|e| e.into_inner());
+    if running {
+        vmg.pause();
+    }
+    let Some(state) = prepared.state.take() else {
+        // Powered off: disks and configuration are set; the VM goes off.
+        *toml.lock().unwrap_or_else(|e| e.into_inner()) = dir.load()?;
+        return Ok(ApplyResult {
+            applied: prepared.snapshot.clone(),
+            saved_current,
+            power_state: PowerState::Off,
+            apply_ms: t0.elapsed().as_millis() as u64,
+        });
+    };
+    if let Err(e) = vmg.apply(state, &prepared.memory, prepared.new_layers()) {
+        // The VM's state may be half replaced: keep it paused, say so.
+        prepared.rollback(dir);
+        return Err(e.into());
+    }
+    *toml.lock().unwrap_or_else(|e| e.into_inner()) = dir.load()?;
+    let power = prepared.snapshot.power_state;
+    if power == PowerState::Running {
+        vmg.resume();
+    }
+    Ok(ApplyResult {
+        applied: prepared.snapshot.clone(),
+        saved_current,
+        power_state: power,
+        apply_ms: t0.elapsed().as_millis() as u64,
+    })
 }

@@ -297,12 +297,22 @@ pub enum Requested {
     Stop,
 }
 
+/// Work a parked vCPU does on its own thread.
+#[derive(Clone)]
+enum ParkedCommand {
+    Save,
+    Restore(Arc<Vec<VcpuState>>),
+}
+
+type ParkedResult = Result<Option<VcpuState>, VcpuStateError>;
+
 struct ControlState {
     requested: Requested,
     parked: usize,
     exited: usize,
-    save_seq: u64,
-    saved: Vec<Option<Result<VcpuState, VcpuStateError>>>,
+    cmd_seq: u64,
+    cmd: Option<ParkedCommand>,
+    results: Vec<Option<ParkedResult>>,
 }
 
 /// Shared run control for all vCPU threads.
@@ -319,8 +329,9 @@ impl VcpuControl {
                 requested: initial,
                 parked: 0,
                 exited: 0,
-                save_seq: 0,
-                saved: (0..vcpus).map(|_| None).collect(),
+                cmd_seq: 0,
+                cmd: None,
+                results: (0..vcpus).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
         }
@@ -344,34 +355,56 @@ impl VcpuControl {
         }
     }
 
-    /// Has every parked vCPU save its state (the vCPUs must be paused).
-    pub fn save_all(&self, count: usize) -> Result<Vec<VcpuState>, VcpuStateError> {
+    /// Has each of the `count` parked vCPUs run `cmd` on its own thread.
+    fn run_parked(
+        &self,
+        cmd: ParkedCommand,
+        count: usize,
+    ) -> Result<Vec<Option<VcpuState>>, VcpuStateError> {
         let mut g = self.lock();
-        for s in g.saved.iter_mut() {
-            *s = None;
+        for r in g.results.iter_mut() {
+            *r = None;
         }
-        g.save_seq += 1;
+        g.cmd = Some(cmd);
+        g.cmd_seq += 1;
         self.cv.notify_all();
-        while g.saved.iter().take(count).any(Option::is_none) {
+        while g.results.iter().take(count).any(Option::is_none) {
             if g.exited > 0 {
                 return Err(VcpuStateError {
                     vcpu: 0,
-                    op: "save",
-                    what: "state",
+                    op: "reach",
+                    what: "vCPU threads",
                     message: "a vCPU thread has exited".into(),
                 });
             }
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        g.saved
+        g.cmd = None;
+        g.results
             .iter_mut()
             .take(count)
-            .map(|s| s.take().expect("checked above"))
+            .map(|r| r.take().unwrap_or(Ok(None)))
             .collect()
     }
 
+    /// Has every parked vCPU save its state (the vCPUs must be paused).
+    pub fn save_all(&self, count: usize) -> Result<Vec<VcpuState>, VcpuStateError> {
+        Ok(self
+            .run_parked(ParkedCommand::Save, count)?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Has every parked vCPU load `states[index]` (the vCPUs must be paused).
+    pub fn restore_all(&self, states: Vec<VcpuState>) -> Result<(), VcpuStateError> {
+        let count = states.len();
+        self.run_parked(ParkedCommand::Restore(Arc::new(states)), count)
+            .map(|_| ())
+    }
+
     /// Called by a vCPU thread before each KVM_RUN: parks while paused
-    /// (saving its state when asked); returns false when it must stop.
+    /// (running save/restore commands); returns false when it must stop.
     fn checkpoint(&self, index: u8, fd: &VcpuFd, msrs: &[u32], seen: &mut u64) -> bool {
         let mut g = self.lock();
         loop {
@@ -382,10 +415,21 @@ impl VcpuControl {
                     g.parked += 1;
                     self.cv.notify_all();
                     while g.requested == Requested::Pause {
-                        if g.save_seq != *seen {
-                            *seen = g.save_seq;
-                            let r = vcpu_state::save(index, fd, msrs);
-                            if let Some(slot) = g.saved.get_mut(index as usize) {
+                        if g.cmd_seq != *seen {
+                            *seen = g.cmd_seq;
+                            let r = match g.cmd.clone() {
+                                Some(ParkedCommand::Save) => {
+                                    vcpu_state::save(index, fd, msrs).map(Some)
+                                }
+                                Some(ParkedCommand::Restore(states)) => match states
+                                    .get(index as usize)
+                                {
+                                    Some(st) => vcpu_state::restore(index, fd, st).map(|_| None),
+                                    None => Ok(None),
+                                },
+                                None => Ok(None),
+                            };
+                            if let Some(slot) = g.results.get_mut(index as usize) {
                                 *slot = Some(r);
                             }
                             self.cv.notify_all();

@@ -671,6 +671,64 @@ impl Vm {
         })
     }
 
+    /// Replaces this VM's state with a snapshot's, in place (the vCPUs
+    /// must be paused): devices reset, guest memory reloaded from `memory`,
+    /// vCPU, VM and device state loaded, disks switched to `disks` (new
+    /// working layers over the snapshot's layers).
+    pub fn apply(
+        &self,
+        state: MachineState,
+        memory: &Path,
+        disks: &[PathBuf],
+    ) -> Result<(), VmError> {
+        let regions = self.memory_layout();
+        if state.memory != regions
+            || state.vcpus.len() != self.handles.len()
+            || state.disks.len() != self.transports.len()
+            || disks.len() != self.transports.len()
+        {
+            return Err(VmError::StateMismatch(
+                "the snapshot's memory, vCPUs or disks differ from this VM's".into(),
+            ));
+        }
+        // Check the memory file before anything is touched.
+        MemoryFile::open(memory)?.check_layout(&regions)?;
+        let dev = |what| move |source| VmError::Device { what, source };
+        for t in &self.transports {
+            t.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
+        }
+        for r in self.ram.memory().iter() {
+            // SAFETY: drops the contents of this VM's own RAM mapping (it
+            // reads as zeroes afterwards); vCPUs are paused and device
+            // workers quiesced, so nothing uses it meanwhile.
+            unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTNEED) };
+        }
+        load_memory(&self.ram, memory, &regions)?;
+        let MachineState {
+            vcpus,
+            vm,
+            serial,
+            disks: transports,
+            ..
+        } = state;
+        self.control.restore_all(vcpus)?;
+        crate::vm_state::restore(&self.vm_fd, &vm)?;
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&serial)
+            .map_err(dev("the serial port"))?;
+        for (i, (t, snap)) in self.transports.iter().zip(&transports).enumerate() {
+            let readonly = self.config.disks.get(i).is_some_and(|d| d.readonly);
+            self.disk_backends[i].replace(Disk::open(&disks[i], readonly)?);
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reset_and_restore(snap)
+                .map_err(dev("a virtio-blk device"))?;
+        }
+        Ok(())
+    }
+
     /// The top layer of each disk.
     pub fn disk_tops(&self) -> Vec<Option<PathBuf>> {
         self.disk_backends.iter().map(|d| d.top()).collect()

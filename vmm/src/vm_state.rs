@@ -86,5 +86,13 @@ pub fn restore(vm: &VmFd, s: &VmState) -> Result<(), VmStateError> {
     let mut clock = s.clock;
     clock.flags = 0;
     vm.set_clock(&clock).map_err(err("kvmclock"))?;
+    if let Ok(now) = vm.get_clock() {
+        tracing::debug!(
+            "kvmclock restored to {} ns (saved {} ns, flags {:#x})",
+            now.clock,
+            s.clock.clock,
+            s.clock.flags
+        );
+    }
     Ok(())
 }

@@ -265,9 +265,10 @@ impl Block {
 
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
-            w.active.paused.store(false, Ordering::SeqCst);
-            w.active.resumed.notify_all();
+            // Kill first: a quiesced worker wakes, sees it, and exits
+            // without serving another batch.
             let _ = w.kill.write(1);
+            w.active.resumed.notify_all();
             let _ = w.thread.join();
         }
     }

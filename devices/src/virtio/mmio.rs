@@ -163,6 +163,16 @@ impl MmioTransport {
         }
     }
 
+    /// Resets the device (its worker stops) and loads a snapshot's state:
+    /// applying a snapshot to a running VM.
+    pub fn reset_and_restore(&mut self, snap: &TransportSnapshot) -> std::io::Result<()> {
+        self.reset();
+        for e in &self.notify {
+            let _ = e.read();
+        }
+        self.restore(snap)
+    }
+
     /// Restores a freshly created transport to a snapshot's state; an
     /// activated device starts serving (and picks up requests the guest
     /// queued before the snapshot).
