@@ -545,7 +545,27 @@ pub fn snapshot_apply(
             Some(&body),
         )?;
         let id = job["job"].as_str().unwrap_or_default().to_string();
-        let r = wait_job(&dir.api_socket(), &id, "apply")?;
+        let r = match wait_job(&dir.api_socket(), &id, "apply") {
+            Ok(r) => r,
+            // A powered-off snapshot ends the VMM right after the job: the
+            // tree tells whether it was applied.
+            Err(LifecycleError::Client(ClientError::NotRunning(_))) => {
+                let deadline = Instant::now() + WAIT;
+                while is_running(&dir) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let now = Tree::load(&crate::snapshots::tree_path(&dir))
+                    .map_err(SnapshotError::from)?
+                    .now;
+                if now.as_deref() != Some(target.id.as_str()) {
+                    return Err(LifecycleError::JobFailed(
+                        "the VMM stopped before the snapshot was applied".into(),
+                    ));
+                }
+                json!({ "power_state": "off", "apply_ms": null })
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(saved) = r["saved_current"]["id"].as_str() {
             println!("saved the current state as snapshot {saved}");
         }

@@ -1,0 +1,164 @@
+//! The snapshot tree: apply (revert) in place, branches and "Now",
+//! --save-current, powered-off snapshots, bad references.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use snapvm_tests::{run_with_timeout, snapvm_bin, TestVm};
+
+const T: Duration = Duration::from_secs(120);
+const LAB: &str = "workload=memstamp disk=1 blocks=512 mem_mib=32 passes=0 rate=50";
+
+fn take(vm: &TestVm, name: &str) -> String {
+    let r = vm.ok2(&["snapshot", "create"], &["--name", name]);
+    r.stdout.split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// Applies `snap` and checks the guest verifies memory and disk after it.
+fn apply_and_verify(vm: &TestVm, snap: &str, extra: &[&str]) -> String {
+    let pid = vm.status()["pid"].clone();
+    let mark = vm.serial().len();
+    let mut more = vec![snap];
+    more.extend_from_slice(extra);
+    let r = vm.ok2(&["snapshot", "apply"], &more);
+    assert!(r.stdout.contains("the VM is running"), "{r:?}");
+    assert_eq!(vm.status()["pid"], pid, "applied inside the same VMM");
+    // Disk passes check every block against generations kept in memory;
+    // memory passes check every page: both continue from the snapshot.
+    let out = vm.wait_serial(mark, "workload=diskstamp gen=", 1, T);
+    vm.wait_serial(mark, "vcpu=1 gen=", 1, T);
+    assert!(!out.contains("READY"), "not rebooted: {out}");
+    r.stdout
+}
+
+fn parent_of(tree: &Value, id: &str) -> Value {
+    tree["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .map(|s| s["parent"].clone())
+        .unwrap_or_else(|| panic!("{id} not in {tree}"))
+}
+
+#[test]
+fn lab_session_with_branches() {
+    let vm = TestVm::create("lab", LAB, "128M", 3, 8);
+    vm.ok(&["start"]);
+    vm.wait_serial(0, "workload=diskstamp gen=1", 1, T);
+    let a = take(&vm, "A");
+    std::thread::sleep(Duration::from_millis(700));
+    let b = take(&vm, "B");
+    let t = vm.tree();
+    assert_eq!(parent_of(&t, &b), Value::from(a.clone()));
+    assert_eq!(t["now"], b);
+
+    apply_and_verify(&vm, "A", &[]);
+    assert_eq!(vm.tree()["now"], a, "Now moved under A");
+    std::thread::sleep(Duration::from_millis(500));
+    let c = take(&vm, "C");
+    let t = vm.tree();
+    assert_eq!(
+        parent_of(&t, &c),
+        Value::from(a.clone()),
+        "C starts a branch from A"
+    );
+    assert_eq!(t["snapshots"].as_array().unwrap().len(), 3);
+
+    apply_and_verify(&vm, &b, &[]);
+    assert_eq!(vm.tree()["now"], b);
+    apply_and_verify(&vm, &c[..8], &[]);
+    assert_eq!(vm.tree()["now"], c);
+
+    // --save-current keeps the pre-apply state reachable.
+    let out = apply_and_verify(&vm, "A", &["--save-current", "kept"]);
+    assert!(out.contains("saved the current state as snapshot"), "{out}");
+    let t = vm.tree();
+    let kept = t["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "kept")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        parent_of(&t, &kept),
+        Value::from(c.clone()),
+        "saved under the old Now"
+    );
+    assert_eq!(t["now"], a);
+    apply_and_verify(&vm, "kept", &[]);
+
+    let text = vm.ok2(&["snapshot", "list"], &["--tree"]).stdout;
+    assert!(text.contains("Now"), "{text}");
+    assert_eq!(text.lines().count(), 5, "4 snapshots and Now: {text}");
+    assert_eq!(vm.serial().matches("TESTGUEST FAIL").count(), 0);
+}
+
+#[test]
+fn powered_off_snapshot_applies_off_and_bad_references_are_refused() {
+    let vm = TestVm::create(
+        "applyoff",
+        "workload=memstamp mem_mib=8 passes=0 rate=20",
+        "64M",
+        2,
+        1,
+    );
+    let off = {
+        let r = vm.ok2(&["snapshot", "create"], &["--name", "dup"]);
+        r.stdout.split_whitespace().nth(1).unwrap().to_string()
+    };
+    // A VMM whose snapshots stream slowly, to catch one in progress.
+    let r = run_with_timeout(
+        Command::new(snapvm_bin())
+            .env("SNAPVM_TEST_STREAM_DELAY_MS", "40")
+            .arg("start")
+            .arg(&vm.dir),
+        T,
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    vm.wait_serial(0, "TESTGUEST PASS", 1, T);
+    take(&vm, "dup");
+
+    let r = vm.cli2(&["snapshot", "apply"], &["nonexistent"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("no snapshot matches 'nonexistent'"),
+        "{r:?}"
+    );
+    let r = vm.cli2(&["snapshot", "apply"], &["dup"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr.contains("ambiguous") && r.stderr.contains(&off),
+        "{r:?}"
+    );
+
+    // Apply while another job runs: refused, nothing changes.
+    vm.ok2(&["snapshot", "create"], &["--no-wait", "--name", "slow"]);
+    let r = vm.cli2(&["snapshot", "apply"], &[&off]);
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stderr.contains("is still running"), "{r:?}");
+    assert_eq!(vm.status()["state"], "running");
+    let deadline = std::time::Instant::now() + T;
+    while !vm.tree()["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["name"] == "slow")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow snapshot never finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A powered-off snapshot applied to a running VM leaves it off.
+    let r = vm.ok2(&["snapshot", "apply"], &[&off]);
+    assert!(r.stdout.contains("the VM is off"), "{r:?}");
+    assert_eq!(vm.status()["state"], "stopped");
+    assert_eq!(vm.tree()["now"], off);
+}
