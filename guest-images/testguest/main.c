@@ -180,25 +180,36 @@ static void guest_exit(u8 status)
 /* Time from kvmclock (registered by the BSP in ring 0).             */
 /* ---------------------------------------------------------------- */
 
+/* This CPU's index (ring 0 points FS at cpu_local[cpu]). */
+static inline u32 this_cpu(void)
+{
+    u64 cpu;
+    __asm__ volatile("movq %%fs:0, %0" : "=r"(cpu));
+    return (u32)cpu;
+}
+
+/* Time from this CPU's own kvmclock page: KVM refreshes it before the CPU
+ * runs again (e.g. after a snapshot restore), so it never goes backwards. */
 static u64 now_ns(void)
 {
     if (!kvmclock_ok)
         return rdtsc(); /* no kvmclock: a rough ns stand-in (TSC ~ GHz) */
+    volatile struct pvclock *pv =
+        (volatile struct pvclock *)((volatile u8 *)&pvclock_area + 64 * this_cpu());
     u32 v;
     u64 ns;
     do {
-        v = pvclock_area.version;
+        v = pv->version;
         __asm__ volatile("" ::: "memory");
-        u64 delta = rdtsc() - pvclock_area.tsc_timestamp;
-        int8_t shift = pvclock_area.tsc_shift;
+        u64 delta = rdtsc() - pv->tsc_timestamp;
+        int8_t shift = pv->tsc_shift;
         if (shift < 0)
             delta >>= -shift;
         else
             delta <<= shift;
-        ns = pvclock_area.system_time +
-             (u64)(((unsigned __int128)delta * pvclock_area.tsc_to_system_mul) >> 32);
+        ns = pv->system_time + (u64)(((unsigned __int128)delta * pv->tsc_to_system_mul) >> 32);
         __asm__ volatile("" ::: "memory");
-    } while ((v & 1) || v != pvclock_area.version);
+    } while ((v & 1) || v != pv->version);
     return ns;
 }
 

@@ -166,9 +166,30 @@ long_entry:
         orq     $((1 << 9) | (1 << 10)), %rax
         movq    %rax, %cr4
 
-        testl   %ebp, %ebp
-        jz      enter_user
+        /* Per-CPU data for ring 3: FS base -> cpu_local[cpu] (its index). */
+        leaq    cpu_local(, %rbx, 8), %rax
+        movq    %rbx, (%rax)
+        movq    %rax, %rdx
+        shrq    $32, %rdx
+        movl    $0xC0000100, %ecx       /* IA32_FS_BASE */
+        wrmsr
 
+        testl   %ebp, %ebp
+        jnz     bsp_only
+        /* APs: their own kvmclock page slot, if the BSP found kvmclock. */
+        cmpl    $0, kvmclock_ok
+        je      enter_user
+        movq    %rbx, %rax
+        shlq    $6, %rax                /* 64-byte slot per CPU */
+        leaq    pvclock_area(%rax), %rax
+        orq     $1, %rax
+        movq    %rax, %rdx
+        shrq    $32, %rdx
+        movl    $0x4b564d01, %ecx       /* MSR_KVM_SYSTEM_TIME_NEW */
+        wrmsr
+        jmp     enter_user
+
+bsp_only:
         /* BSP only: kvmclock (for timing in ring 3), then wake the APs. */
         xorl    %eax, %eax
         movl    $0x40000000, %eax
@@ -399,6 +420,11 @@ idt_ptr:
         .p2align 4
 probe_buf:
         .quad 0, 0
+
+        .globl cpu_local
+        .p2align 3
+cpu_local:
+        .fill MAX_CPUS, 8, 0
 
         .globl pvh_start_info, kvmclock_ok
         .p2align 3
