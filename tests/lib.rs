@@ -382,6 +382,9 @@ impl TestVm {
 impl Drop for TestVm {
     fn drop(&mut self) {
         let _ = snapvm(&["stop", "--force", self.dir.to_str().unwrap()]);
-        let _ = std::fs::remove_dir_all(&self.root);
+        // SNAPVM_KEEP_TEST_DIRS=1 keeps them for a post-mortem.
+        if std::env::var_os("SNAPVM_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }

@@ -21,7 +21,13 @@ fn apply_and_verify(vm: &TestVm, snap: &str, extra: &[&str]) -> String {
     let mark = vm.serial().len();
     let mut more = vec![snap];
     more.extend_from_slice(extra);
-    let r = vm.ok2(&["snapshot", "apply"], &more);
+    let r = vm.cli2(&["snapshot", "apply"], &more);
+    assert_eq!(
+        r.code(),
+        0,
+        "{r:?}\nvmm.log:\n{}",
+        std::fs::read_to_string(vm.dir.join("logs/vmm.log")).unwrap_or_default()
+    );
     assert!(r.stdout.contains("the VM is running"), "{r:?}");
     assert_eq!(vm.status()["pid"], pid, "applied inside the same VMM");
     // Disk passes check every block against generations kept in memory;

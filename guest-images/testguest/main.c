@@ -670,8 +670,26 @@ static void disk_request(u32 type, u64 block)
     }
     vq_last_used++;
     vio_write(0x64, vio_read(0x60)); /* ack any interrupt status */
-    if (blk_status != 0)
-        disk_fail("request failed: type/block", type, block);
+    if (blk_status != 0) {
+        lock_print();
+        puts_("TESTGUEST FAIL workload=diskstamp request failed: type=");
+        put_dec(type);
+        puts_(" block=");
+        put_dec(block);
+        puts_(" status=");
+        put_dec(blk_status);
+        puts_(" used_len=");
+        put_dec(vq_used.ring[(u16)(vq_last_used - 1) % VQ_SIZE].len);
+        puts_(" used_idx=");
+        put_dec(vq_used.idx);
+        puts_(" avail_idx=");
+        put_dec(vq_avail.idx);
+        puts_("\n");
+        unlock_print();
+        __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+        guest_exit(STATUS_VERIFY_FAILED);
+        sys_halt();
+    }
 }
 
 static void diskstamp(u64 blocks, u64 dpasses)

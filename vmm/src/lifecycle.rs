@@ -557,10 +557,13 @@ pub fn snapshot_apply(
                 let now = Tree::load(&crate::snapshots::tree_path(&dir))
                     .map_err(SnapshotError::from)?
                     .now;
-                if now.as_deref() != Some(target.id.as_str()) {
-                    return Err(LifecycleError::JobFailed(
-                        "the VMM stopped before the snapshot was applied".into(),
-                    ));
+                if target.power_state != PowerState::Off
+                    || now.as_deref() != Some(target.id.as_str())
+                {
+                    return Err(LifecycleError::JobFailed(format!(
+                        "the VMM exited while applying the snapshot; see {}",
+                        dir.vmm_log().display()
+                    )));
                 }
                 json!({ "power_state": "off", "apply_ms": null })
             }

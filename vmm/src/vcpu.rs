@@ -443,6 +443,11 @@ impl VcpuControl {
         }
     }
 
+    /// Whether the vCPUs are asked to park.
+    fn pause_requested(&self) -> bool {
+        self.lock().requested == Requested::Pause
+    }
+
     fn mark_exited(&self) {
         self.lock().exited += 1;
         self.cv.notify_all();
@@ -533,7 +538,18 @@ enum Next {
 fn run_loop(index: u8, fd: &mut VcpuFd, ctx: &VcpuContext) {
     KVM_RUN_PTR.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
     let mut seen = 0;
-    while ctx.control.checkpoint(index, fd, &ctx.msrs, &mut seen) {
+    loop {
+        if ctx.control.pause_requested() {
+            // An MMIO or port read completes inside the next KVM_RUN: run
+            // once with immediate_exit so KVM finishes it (and returns at
+            // once) before the state is saved or replaced.
+            fd.set_kvm_immediate_exit(1);
+            let _ = fd.run();
+            fd.set_kvm_immediate_exit(0);
+        }
+        if !ctx.control.checkpoint(index, fd, &ctx.msrs, &mut seen) {
+            break;
+        }
         let next = match fd.run() {
             Ok(exit) => handle_exit(index, exit, ctx),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
