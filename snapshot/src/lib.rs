@@ -11,3 +11,45 @@ pub mod memory_file;
 pub mod state_file;
 pub mod tree;
 pub mod write_protect;
+
+/// Test helpers shared by this crate's unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// An anonymous private mapping, unmapped on drop.
+    pub struct Anon {
+        /// Start address.
+        pub addr: usize,
+        /// Length in bytes.
+        pub len: usize,
+    }
+
+    impl Anon {
+        /// Maps `len` bytes.
+        pub fn new(len: usize) -> Self {
+            // SAFETY: anonymous private mapping with no address hint; the
+            // result is checked before use and unmapped in Drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            Self {
+                addr: p as usize,
+                len,
+            }
+        }
+    }
+
+    impl Drop for Anon {
+        fn drop(&mut self) {
+            // SAFETY: unmapping the mapping created in `new`.
+            unsafe { libc::munmap(self.addr as *mut _, self.len) };
+        }
+    }
+}

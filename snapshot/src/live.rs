@@ -593,30 +593,7 @@ mod tests {
 
     const MIB: usize = 1 << 20;
 
-    struct Anon(usize, usize);
-    impl Anon {
-        fn new(len: usize) -> Self {
-            // SAFETY: fresh anonymous mapping; checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Anon(p as usize, len)
-        }
-    }
-    impl Drop for Anon {
-        fn drop(&mut self) {
-            // SAFETY: our own mapping.
-            unsafe { libc::munmap(self.0 as *mut _, self.1) };
-        }
-    }
+    use crate::test_util::Anon;
 
     /// Stops and joins the writer threads when dropped (also when an
     /// assertion fails), before the mapping they write goes away.
@@ -644,17 +621,20 @@ mod tests {
         // Half the pages populated with generation 1; the rest never touched.
         for p in 0..pages / 2 {
             // SAFETY: inside the mapping.
-            unsafe { *((mem.0 + p * 4096) as *mut u64) = stamp(p, 1) };
+            unsafe { *((mem.addr + p * 4096) as *mut u64) = stamp(p, 1) };
         }
         let wp = Arc::new(
-            WriteProtector::new(&[HostRange { addr: mem.0, len }])
-                .expect("uffd (root, Linux >= 6.4)"),
+            WriteProtector::new(&[HostRange {
+                addr: mem.addr,
+                len,
+            }])
+            .expect("uffd (root, Linux >= 6.4)"),
         );
         let tracker = Tracker::new(
             wp,
             vec![GuestRegion {
                 gpa: 0,
-                host: mem.0,
+                host: mem.addr,
                 len,
             }],
         );
@@ -664,7 +644,7 @@ mod tests {
         let mut writers = Writers(quit.clone(), vec![]);
         for w in 0..2usize {
             let (paused, parked, quit, base) =
-                (paused.clone(), parked.clone(), quit.clone(), mem.0);
+                (paused.clone(), parked.clone(), quit.clone(), mem.addr);
             writers.1.push(std::thread::spawn(move || {
                 let mut gen = 2u32;
                 let mut is_parked = false;
@@ -697,7 +677,7 @@ mod tests {
         }
         let mut expected = vec![0u8; len];
         // SAFETY: reading the mapping (reads never fault on write-protect).
-        expected.copy_from_slice(unsafe { std::slice::from_raw_parts(mem.0 as *const u8, len) });
+        expected.copy_from_slice(unsafe { std::slice::from_raw_parts(mem.addr as *const u8, len) });
         let path = std::env::temp_dir().join(format!("snapvm-live-{}", std::process::id()));
         armed
             .freeze(MemoryFileWriter::create(&path, &[(0, len as u64)]).unwrap())
@@ -721,7 +701,7 @@ mod tests {
             unsafe { libc::write(wfd, payload.as_ptr().cast(), 4096) },
             4096
         );
-        let dev_addr = mem.0 + dev_page * 4096;
+        let dev_addr = mem.addr + dev_page * 4096;
         let device = std::thread::spawn(move || {
             // SAFETY: reads into a page of the live mapping (joined below).
             unsafe { libc::read(rfd, dev_addr as *mut libc::c_void, 4096) }

@@ -142,37 +142,7 @@ mod tests {
     use std::sync::Arc;
     use userfaultfd::Event;
 
-    struct Anon {
-        addr: usize,
-        len: usize,
-    }
-    impl Anon {
-        fn new(len: usize) -> Self {
-            // SAFETY: anonymous private mapping with no address hint; the
-            // result is checked before use and unmapped in Drop.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Self {
-                addr: p as usize,
-                len,
-            }
-        }
-    }
-    impl Drop for Anon {
-        fn drop(&mut self) {
-            // SAFETY: unmapping the mapping created in `new`.
-            unsafe { libc::munmap(self.addr as *mut _, self.len) };
-        }
-    }
+    use crate::test_util::Anon;
 
     /// A write to a protected page, including one never touched before,
     /// blocks until the handler has seen it and lifted the protection.

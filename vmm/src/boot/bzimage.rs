@@ -2,7 +2,6 @@
 //! zero page, identity page tables for the first GiB, a flat GDT, and entry
 //! at `startup_64` in long mode.
 
-use std::fs::File;
 use std::path::Path;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -50,10 +49,7 @@ pub fn load(
     initrd: Option<InitrdPlacement>,
     map: &[E820Entry],
 ) -> Result<BootState, BootError> {
-    let mut f = File::open(path).map_err(|source| BootError::OpenKernel {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut f = super::open_kernel(path)?;
     let loaded =
         BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(|e| {
             BootError::Load {

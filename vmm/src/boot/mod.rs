@@ -80,12 +80,17 @@ pub enum KernelFormat {
     BzImage,
 }
 
-/// Detects the kernel format; errors name the file.
-pub fn detect_format(path: &Path) -> Result<KernelFormat, BootError> {
-    let mut f = File::open(path).map_err(|source| BootError::OpenKernel {
+/// Opens the kernel image; the error names the file.
+pub fn open_kernel(path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::OpenKernel {
         path: path.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// Detects the kernel format; errors name the file.
+pub fn detect_format(path: &Path) -> Result<KernelFormat, BootError> {
+    let mut f = open_kernel(path)?;
     let mut head = vec![0u8; 0x210];
     let mut got = 0;
     while got < head.len() {

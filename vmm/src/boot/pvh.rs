@@ -1,7 +1,6 @@
 //! PVH boot: an ELF kernel entered in 32-bit protected mode with paging off
 //! and `%ebx` pointing at an `hvm_start_info`.
 
-use std::fs::File;
 use std::path::Path;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -50,10 +49,7 @@ pub fn load(
     initrd: Option<InitrdPlacement>,
     map: &[E820Entry],
 ) -> Result<BootState, BootError> {
-    let mut f = File::open(path).map_err(|source| BootError::OpenKernel {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut f = super::open_kernel(path)?;
     let loaded = Elf::load(mem, None, &mut f, None).map_err(|e| BootError::Load {
         path: path.to_path_buf(),
         message: e.to_string(),
