@@ -168,3 +168,50 @@ fn powered_off_snapshot_applies_off_and_bad_references_are_refused() {
     assert_eq!(vm.status()["state"], "stopped");
     assert_eq!(vm.tree()["now"], off);
 }
+
+#[test]
+fn export_is_a_standalone_vm_that_verifies() {
+    let vm = TestVm::create("export", LAB, "128M", 3, 8);
+    vm.ok(&["start"]);
+    vm.wait_serial(0, "workload=diskstamp gen=1", 1, T);
+    let id = take(&vm, "to-export");
+    let dest = vm.root.join("exported");
+    let r = vm.ok2(
+        &["snapshot", "export"],
+        &["to-export", dest.to_str().unwrap()],
+    );
+    assert!(r.stdout.contains("--from"), "{r:?}");
+    let again = vm.cli2(
+        &["snapshot", "export"],
+        &["to-export", dest.to_str().unwrap()],
+    );
+    assert_eq!(again.code(), 1);
+    assert!(again.stderr.contains("already holds a VM"), "{again:?}");
+    vm.ok(&["stop"]);
+
+    // The flattened disk reads like the snapshot's layer chain.
+    let layer = vm.dir.join(
+        vm.tree()["snapshots"][0]["disks"][0]["layer"]
+            .as_str()
+            .unwrap(),
+    );
+    let c = run_with_timeout(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw"])
+            .arg(dest.join("disks/disk0.raw"))
+            .arg(&layer),
+        T,
+    );
+    assert_eq!(c.code(), 0, "{c:?}");
+
+    // Nothing of the original is needed any more.
+    std::fs::remove_dir_all(&vm.dir).unwrap();
+    let exported = TestVm {
+        dir: dest.clone(),
+        root: vm.root.join("exported-root"),
+    };
+    exported.ok2(&["start"], &["--from", &id[..8]]);
+    exported.wait_serial(0, "workload=diskstamp gen=", 1, T);
+    exported.wait_serial(0, "vcpu=1 gen=", 1, T);
+    exported.ok(&["stop"]);
+}

@@ -149,6 +149,17 @@ enum SnapshotCommand {
         #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
         save_current: Option<String>,
     },
+    /// Export a snapshot as a standalone VM directory (configuration,
+    /// kernel, flattened disks, state and memory): a snapshot is not a
+    /// backup, an export is. Continue it with `snapvm start NEWVMDIR --from ID`.
+    Export {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// The new VM directory (must not exist).
+        newvmdir: PathBuf,
+    },
     /// Show one snapshot: metadata, parent, children, size on disk.
     Show {
         /// The VM directory.
@@ -460,6 +471,23 @@ fn lifecycle(cmd: Command) -> ExitCode {
             snapshot,
             save_current,
         }) => lifecycle::snapshot_apply(&vmdir, &snapshot, save_current).map_err(|e| e.to_string()),
+        Command::Snapshot(SnapshotCommand::Export {
+            vmdir,
+            snapshot,
+            newvmdir,
+        }) => vmm::vmdir::VmDir::open(&vmdir)
+            .map_err(|e| e.to_string())
+            .and_then(|d| vmm::snapshots::export(&d, &snapshot, &newvmdir).map_err(|e| e.to_string()))
+            .map(|m| {
+                println!(
+                    "exported snapshot {} \"{}\" to {}; continue it with: snapvm start {} --from {}",
+                    m.id,
+                    m.name,
+                    newvmdir.display(),
+                    newvmdir.display(),
+                    &m.id[..8]
+                )
+            }),
         Command::Snapshot(SnapshotCommand::Show { vmdir, snapshot }) => {
             vmm::vmdir::VmDir::open(&vmdir)
                 .map_err(|e| e.to_string())
