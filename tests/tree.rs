@@ -215,3 +215,34 @@ fn export_is_a_standalone_vm_that_verifies() {
     exported.wait_serial(0, "vcpu=1 gen=", 1, T);
     exported.ok(&["stop"]);
 }
+
+/// Apply loads memory lazily; a snapshot taken right after, while pages are
+/// still arriving, must hold exactly the applied state, and applying again
+/// in the middle of a load must work.
+#[test]
+fn snapshot_and_apply_during_a_lazy_load() {
+    let vm = TestVm::create(
+        "lazy",
+        "workload=memstamp disk=1 blocks=512 mem_mib=256 passes=0 rate=100",
+        "384M",
+        3,
+        8,
+    );
+    vm.ok(&["start"]);
+    vm.wait_serial(0, "vcpu=1 gen=2", 1, T);
+    let a = take(&vm, "A");
+    std::thread::sleep(Duration::from_millis(300));
+    let b = take(&vm, "B");
+    // Apply A and, at once, snapshot (load still in progress) and apply B.
+    vm.ok2(&["snapshot", "apply"], &[&a]);
+    let c = take(&vm, "C-during-load");
+    vm.ok2(&["snapshot", "apply"], &[&b]);
+    vm.ok2(&["snapshot", "apply"], &[&a]);
+    vm.ok2(&["snapshot", "apply"], &[&c]);
+    let mark = vm.serial().len();
+    vm.wait_serial(mark, "workload=diskstamp gen=", 1, T);
+    vm.wait_serial(mark, "vcpu=2 gen=", 2, T);
+    assert_eq!(vm.serial().matches("TESTGUEST FAIL").count(), 0);
+    let log = std::fs::read_to_string(vm.dir.join("logs/vmm.log")).unwrap();
+    assert!(log.contains("lazy memory load complete"), "{log}");
+}

@@ -6,6 +6,7 @@
 
 pub mod atomic_file;
 pub mod disk;
+pub mod lazy;
 pub mod live;
 pub mod memory_file;
 pub mod state_file;

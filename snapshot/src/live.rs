@@ -368,6 +368,11 @@ impl Tracker {
         &self.regions
     }
 
+    /// The write-protect registration.
+    pub fn write_protector(&self) -> &Arc<WriteProtector> {
+        &self.wp
+    }
+
     /// Phase 1: starts the handler and write-protects all memory while the
     /// guest runs.
     pub fn arm(&self) -> Result<ArmedSnapshot, LiveError> {

@@ -103,6 +103,35 @@ impl WriteProtector {
         })
     }
 
+    /// Stops tracking the ranges (a lazy memory load registers them with
+    /// its own userfaultfd meanwhile).
+    pub fn unregister(&self) -> Result<(), WriteProtectError> {
+        for r in &self.ranges {
+            self.uffd
+                .unregister(r.addr as *mut _, r.len)
+                .map_err(|source| WriteProtectError::Register {
+                    addr: r.addr,
+                    len: r.len,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Registers the ranges again after [`WriteProtector::unregister`].
+    pub fn reregister(&self) -> Result<(), WriteProtectError> {
+        for r in &self.ranges {
+            self.uffd
+                .register_with_mode(r.addr as *mut _, r.len, RegisterMode::WRITE_PROTECT)
+                .map_err(|source| WriteProtectError::Register {
+                    addr: r.addr,
+                    len: r.len,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// The registered ranges.
     pub fn ranges(&self) -> &[HostRange] {
         &self.ranges

@@ -277,7 +277,12 @@ pub fn create_live(
     };
     let mut meta = meta_for(&staging, &frozen, opts, power);
 
-    // Phase 1: protect memory while the guest runs.
+    // Phase 1: protect memory while the guest runs (a lazy load from an
+    // apply completes first).
+    if let Err(e) = lock().finish_lazy_load() {
+        staging.discard();
+        return Err(e.into());
+    }
     let mut armed = match lock().tracker().arm() {
         Ok(a) => a,
         Err(e) => {

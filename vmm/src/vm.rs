@@ -22,6 +22,7 @@ use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use snapshot::disk::{Disk, DiskError};
+use snapshot::lazy::LazyLoader;
 use snapshot::live::{GuestRegion, Tracker};
 use snapshot::memory_file::{MemoryFile, MemoryFileError, CHUNK_SIZE};
 use snapshot::write_protect::{HostRange, WriteProtectError, WriteProtector};
@@ -185,6 +186,7 @@ pub struct Vm {
     control: Arc<VcpuControl>,
     sink: Arc<StopSink>,
     tracker: Tracker,
+    lazy: Mutex<Option<LazyLoader>>,
     msrs: Arc<Vec<u32>>,
     vm_fd: VmFd,
     ram: Arc<GuestRam>,
@@ -519,6 +521,7 @@ impl Vm {
             vm_fd,
             ram,
             tracker,
+            lazy: Mutex::new(None),
             msrs,
             transports,
             disk_backends,
@@ -692,18 +695,23 @@ impl Vm {
             ));
         }
         // Check the memory file before anything is touched.
-        MemoryFile::open(memory)?.check_layout(&regions)?;
+        let file = MemoryFile::open(memory)?;
+        file.check_layout(&regions)?;
         let dev = |what| move |source| VmError::Device { what, source };
         for t in &self.transports {
             t.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
         }
-        for r in self.ram.memory().iter() {
-            // SAFETY: drops the contents of this VM's own RAM mapping (it
-            // reads as zeroes afterwards); vCPUs are paused and device
-            // workers quiesced, so nothing uses it meanwhile.
-            unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTNEED) };
-        }
-        load_memory(&self.ram, memory, &regions)?;
+        // A previous apply's load completes first; then memory is replaced
+        // lazily: pages come from memory.bin when touched, the rest in the
+        // background (instant revert).
+        self.finish_lazy_load()?;
+        let loader = LazyLoader::start(
+            self.tracker.regions(),
+            file,
+            self.tracker.write_protector().clone(),
+        )
+        .map_err(|e| VmError::StateMismatch(e.to_string()))?;
+        *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(loader);
         let MachineState {
             vcpus,
             vm,
@@ -725,6 +733,19 @@ impl Vm {
                 .unwrap_or_else(|e| e.into_inner())
                 .reset_and_restore(snap)
                 .map_err(dev("a virtio-blk device"))?;
+        }
+        Ok(())
+    }
+
+    /// Completes a lazy memory load in progress (live snapshots need all of
+    /// memory in place and write tracking back).
+    pub fn finish_lazy_load(&self) -> Result<(), VmError> {
+        let loader = self.lazy.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(l) = loader {
+            let took = l
+                .finish()
+                .map_err(|e| VmError::StateMismatch(format!("lazy memory load failed: {e}")))?;
+            tracing::info!("lazy memory load complete after {} ms", took.as_millis());
         }
         Ok(())
     }
@@ -783,6 +804,8 @@ impl Drop for Vm {
         if !self.handles.is_empty() {
             self.stop();
         }
+        // The loader writes guest memory: stop it before the memory goes.
+        drop(self.lazy.lock().unwrap_or_else(|e| e.into_inner()).take());
         // Join device workers now, while guest memory is still mapped.
         self.mmio_bus = Arc::new(Bus::new());
     }
