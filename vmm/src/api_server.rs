@@ -62,6 +62,7 @@ pub trait ApiBackend: Send + Sync {
         &self,
         reference: &str,
         save_current: Option<Option<String>>,
+        eager: bool,
     ) -> Result<Value, ApiError>;
     /// GET /snapshots: the snapshot tree.
     fn snapshots(&self) -> Result<Value, ApiError>;
@@ -158,7 +159,8 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
                     ))
                 }
             };
-            Ok((202, backend.apply_snapshot(reference, save_current)?))
+            let eager = matches!(body.get("eager"), Some(Value::Bool(true)));
+            Ok((202, backend.apply_snapshot(reference, save_current, eager)?))
         }
         (["jobs", id], Method::Get) => backend
             .jobs()

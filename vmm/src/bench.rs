@@ -704,3 +704,131 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
     );
     Ok(())
 }
+
+/// Parameters of `snapvm bench apply`.
+pub struct ApplyBench {
+    /// The test guest.
+    pub kernel: PathBuf,
+    /// Directory for the VM.
+    pub dir: PathBuf,
+    /// Guest memory sizes in MiB.
+    pub sizes_mib: Vec<u64>,
+    /// Applies per mode and size.
+    pub count: usize,
+}
+
+fn run_job(
+    dir: &crate::vmdir::VmDir,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, BenchError> {
+    let berr = |e: String| BenchError::Guest {
+        what: "apply".into(),
+        message: e,
+    };
+    let job = crate::api_client::request(&dir.api_socket(), "POST", path, Some(&body))
+        .map_err(|e| berr(e.to_string()))?;
+    let id = job["job"].as_str().unwrap_or_default().to_string();
+    loop {
+        let j = crate::api_client::request(&dir.api_socket(), "GET", &format!("/jobs/{id}"), None)
+            .map_err(|e| berr(e.to_string()))?;
+        match j["state"].as_str() {
+            Some("succeeded") => return Ok(j["result"].clone()),
+            Some("failed") => {
+                return Err(berr(j["error"].as_str().unwrap_or("failed").to_string()))
+            }
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// Runs `snapvm bench apply` and prints its table.
+pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
+    println!(
+        "snapvm bench apply: test guest, 2 vCPUs, memstamp (200 MiB/s per vCPU) over half of memory; {} applies per mode",
+        b.count
+    );
+    println!(
+        "{:<10} {:<6} {:>18} {:>18}",
+        "memory", "load", "to running (ms)", "to next PASS (ms)"
+    );
+    for &mib in &b.sizes_mib {
+        let root = b
+            .dir
+            .join(format!("snapvm-bench-apply-{}-{mib}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let vmdir = root.join("vm");
+        let err = |e: String| BenchError::Guest {
+            what: format!("{mib} MiB VM"),
+            message: e,
+        };
+        let req = crate::vmdir::CreateRequest {
+            kernel: b.kernel.clone(),
+            initrd: None,
+            cmdline: format!("workload=memstamp mem_mib={} passes=0 rate=200", mib / 2),
+            memory: format!("{}M", mib + 32),
+            vcpus: 2,
+            disks: vec![],
+            link: true,
+        };
+        let dir = crate::vmdir::create(&vmdir, &req).map_err(|e| err(e.to_string()))?;
+        crate::lifecycle::start(&vmdir, false).map_err(|e| err(e.to_string()))?;
+        let serial = dir.serial_log();
+        let result = (|| {
+            let t0 = Instant::now();
+            while guest_rates(&serial, 0, usize::MAX).len() < 2 {
+                if t0.elapsed() > Duration::from_secs(300) {
+                    return Err(err("memstamp did not get going".into()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let snap = run_job(&dir, "/snapshots", serde_json::json!({}))?;
+            let id = snap["snapshot"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut rows = Vec::new();
+            for eager in [false, true] {
+                let (mut running, mut pass) = (Vec::new(), Vec::new());
+                for _ in 0..b.count {
+                    let mark = serial_len(&serial);
+                    let t = Instant::now();
+                    let r = run_job(
+                        &dir,
+                        &format!("/snapshots/{id}/apply"),
+                        serde_json::json!({ "eager": eager }),
+                    )?;
+                    running.push(r["apply_ms"].as_f64().unwrap_or(f64::NAN));
+                    loop {
+                        let s = std::fs::read_to_string(&serial).unwrap_or_default();
+                        if s.get(mark..).is_some_and(|t| t.contains("TESTGUEST PASS")) {
+                            break;
+                        }
+                        if t.elapsed() > Duration::from_secs(120) {
+                            return Err(err("no PASS line after apply".into()));
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    pass.push(t.elapsed().as_secs_f64() * 1000.0);
+                    // Let a lazy load finish before the next round.
+                    std::thread::sleep(Duration::from_millis(200 + mib / 2));
+                }
+                rows.push((eager, median(&mut running), median(&mut pass)));
+            }
+            Ok(rows)
+        })();
+        let _ = crate::lifecycle::stop(&vmdir, true);
+        let _ = std::fs::remove_dir_all(&root);
+        for (eager, run, pass) in result? {
+            println!(
+                "{:<10} {:<6} {:>18.1} {:>18.1}",
+                format!("{mib} MiB"),
+                if eager { "eager" } else { "lazy" },
+                run,
+                pass
+            );
+        }
+    }
+    println!("(to running: apply request to vCPUs resumed, measured by the VMM; to next PASS: to the guest's next completed verification pass, which depends on where in its pass the snapshot was taken)");
+    Ok(())
+}

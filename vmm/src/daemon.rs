@@ -236,6 +236,7 @@ impl ApiBackend for Controller {
         &self,
         reference: &str,
         save_current: Option<Option<String>>,
+        eager: bool,
     ) -> Result<Value, ApiError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(ApiError::Conflict("the VM is stopping".into()));
@@ -271,6 +272,7 @@ impl ApiBackend for Controller {
                 running,
                 &reference,
                 save_current,
+                eager,
                 job,
             );
             let mut p = power.lock().unwrap_or_else(|e| e.into_inner());

@@ -274,6 +274,22 @@ enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
     },
+    /// Snapshot apply: time to the guest running and to its next verified
+    /// pass, lazy (instant revert) versus eager memory load, per size.
+    Apply {
+        /// Guest memory sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        sizes: Vec<u64>,
+        /// Applies per mode and size.
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+        /// Directory for the VM (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
     /// Guest 4 KiB sequential and random read/write throughput on raw, qcow2
     /// and a 3-layer qcow2 chain, next to the host's own I/O on the same files.
     Disk {
@@ -604,6 +620,23 @@ fn main() -> ExitCode {
                 count: count.max(1),
             };
             match vmm::bench::snapshot(&b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Bench(BenchCommand::Apply {
+            sizes,
+            count,
+            dir,
+            kernel,
+        }) => {
+            let b = vmm::bench::ApplyBench {
+                kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                sizes_mib: sizes,
+                count: count.max(1),
+            };
+            match vmm::bench::apply(&b) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

@@ -634,6 +634,7 @@ pub fn apply_live(
     running: bool,
     reference: &str,
     save_current: Option<Option<String>>,
+    eager: bool,
     job: &JobHandle,
 ) -> Result<ApplyResult, SnapshotError> {
     let t0 = Instant::now();
@@ -669,7 +670,7 @@ pub fn apply_live(
             apply_ms: t0.elapsed().as_millis() as u64,
         });
     };
-    if let Err(e) = vmg.apply(state, &prepared.memory, prepared.new_layers()) {
+    if let Err(e) = vmg.apply(state, &prepared.memory, prepared.new_layers(), eager) {
         // The VM's state may be half replaced: keep it paused, say so.
         prepared.rollback(dir);
         return Err(e.into());

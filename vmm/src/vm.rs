@@ -683,6 +683,7 @@ impl Vm {
         state: MachineState,
         memory: &Path,
         disks: &[PathBuf],
+        eager: bool,
     ) -> Result<(), VmError> {
         let regions = self.memory_layout();
         if state.memory != regions
@@ -712,6 +713,10 @@ impl Vm {
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()))?;
         *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(loader);
+        if eager {
+            // The baseline of `snapvm bench apply`: all memory before resuming.
+            self.finish_lazy_load()?;
+        }
         let MachineState {
             vcpus,
             vm,
