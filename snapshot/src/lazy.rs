@@ -164,6 +164,61 @@ impl Shared {
     }
 }
 
+/// Gives `[host, host + len)` fresh, empty memory in O(1): the old pages
+/// are moved away with mremap (whole page tables at a time) and freed by a
+/// background thread, where MADV_DONTNEED would free them page by page
+/// while the guest waits.
+fn replace_mapping(host: usize, len: usize) -> std::io::Result<()> {
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: reserves a fresh address range (no access) for the old pages.
+    let scratch = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, anon, -1, 0) };
+    if scratch == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: moves the guest RAM pages (one VMA: the region) onto the
+    // scratch range, which it replaces; the guest is not running and no
+    // thread touches guest memory meanwhile.
+    let moved = unsafe {
+        libc::mremap(
+            host as *mut _,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            scratch,
+        )
+    };
+    if moved == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: our own scratch reservation.
+        unsafe { libc::munmap(scratch, len) };
+        return Err(e);
+    }
+    // SAFETY: maps fresh zero memory at the guest RAM address the VMM and
+    // KVM already use (the range is now unmapped).
+    let fresh = unsafe {
+        libc::mmap(
+            host as *mut _,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            anon | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if fresh == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: advisory, on the range just mapped.
+    unsafe { libc::madvise(host as *mut _, len, libc::MADV_HUGEPAGE) };
+    let old = moved as usize;
+    std::thread::spawn(move || {
+        // SAFETY: the old pages, moved out of guest RAM above; nothing
+        // refers to this range.
+        unsafe { libc::munmap(old as *mut _, len) };
+    });
+    Ok(())
+}
+
 impl LazyLoader {
     /// Drops the current content of `regions` and starts filling them from
     /// `file` on demand. `wp` (the regions' write-protect registration) is
@@ -181,12 +236,15 @@ impl LazyLoader {
             .user_mode_only(false)
             .create()
             .map_err(|e| err(e.to_string()))?;
+        // Fresh memory first: the old pages leave with their write-protect
+        // state, so unregistering has nothing left to walk.
+        for r in regions {
+            replace_mapping(r.host, r.len)
+                .map_err(|e| err(format!("cannot replace guest memory: {e}")))?;
+        }
         wp.unregister().map_err(|e| err(e.to_string()))?;
         let mut chunks = Vec::new();
         for r in regions {
-            // SAFETY: drops the pages of this guest RAM mapping so that every
-            // access faults into the loader; the guest is not running.
-            unsafe { libc::madvise(r.host as *mut _, r.len, libc::MADV_DONTNEED) };
             if let Err(e) = uffd.register_with_mode(r.host as *mut _, r.len, RegisterMode::MISSING)
             {
                 let _ = wp.reregister();

@@ -810,8 +810,9 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     pass.push(t.elapsed().as_secs_f64() * 1000.0);
-                    // Let a lazy load finish before the next round.
-                    std::thread::sleep(Duration::from_millis(200 + mib / 2));
+                    // Let the background load finish before the next round
+                    // (an apply first completes a load still in progress).
+                    std::thread::sleep(Duration::from_millis(500 + mib * 2));
                 }
                 rows.push((eager, median(&mut running), median(&mut pass)));
             }
