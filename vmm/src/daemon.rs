@@ -476,6 +476,9 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
         vm.stop();
         vm.outcome().unwrap_or(Outcome::Stopped(sig.unwrap_or(0)))
     };
+    // Let answers in flight (e.g. the job result of an apply that turned
+    // the VM off) reach their clients before the process ends.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     server.unblock();
     tracing::info!("VM stopped: {outcome}");
     let _ = std::fs::remove_file(dir.api_socket());

@@ -547,9 +547,12 @@ pub fn snapshot_apply(
         let id = job["job"].as_str().unwrap_or_default().to_string();
         let r = match wait_job(&dir.api_socket(), &id, "apply") {
             Ok(r) => r,
-            // A powered-off snapshot ends the VMM right after the job: the
-            // tree tells whether it was applied.
-            Err(LifecycleError::Client(ClientError::NotRunning(_))) => {
+            // A powered-off snapshot ends the VMM right after the job (the
+            // last answer may be cut off): the tree tells whether it was
+            // applied.
+            Err(LifecycleError::Client(
+                ClientError::NotRunning(_) | ClientError::Io { .. } | ClientError::Malformed(_),
+            )) if target.power_state == PowerState::Off => {
                 let deadline = Instant::now() + WAIT;
                 while is_running(&dir) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
