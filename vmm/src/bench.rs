@@ -458,37 +458,16 @@ fn take_snapshot(
     dir: &crate::vmdir::VmDir,
     stop_and_copy: bool,
 ) -> Result<serde_json::Value, BenchError> {
-    let berr = |e: String| BenchError::Guest {
-        what: "snapshot".into(),
-        message: e,
-    };
-    let job = crate::api_client::request(
-        &dir.api_socket(),
-        "POST",
+    let r = run_job(
+        dir,
         "/snapshots",
-        Some(&serde_json::json!({ "stop_and_copy": stop_and_copy })),
-    )
-    .map_err(|e| berr(e.to_string()))?;
-    let id = job["job"].as_str().unwrap_or_default().to_string();
-    loop {
-        let j = crate::api_client::request(&dir.api_socket(), "GET", &format!("/jobs/{id}"), None)
-            .map_err(|e| berr(e.to_string()))?;
-        match j["state"].as_str() {
-            Some("succeeded") => {
-                // Keep the disk from filling up: only the figures matter.
-                if let Some(sid) = j["result"]["snapshot"]["id"].as_str() {
-                    let _ = std::fs::remove_file(
-                        dir.root().join("snapshots").join(sid).join("memory.bin"),
-                    );
-                }
-                return Ok(j["result"].clone());
-            }
-            Some("failed") => {
-                return Err(berr(j["error"].as_str().unwrap_or("failed").to_string()))
-            }
-            _ => std::thread::sleep(Duration::from_millis(10)),
-        }
+        serde_json::json!({ "stop_and_copy": stop_and_copy }),
+    )?;
+    // Keep the disk from filling up: only the figures matter.
+    if let Some(sid) = r["snapshot"]["id"].as_str() {
+        let _ = std::fs::remove_file(dir.root().join("snapshots").join(sid).join("memory.bin"));
     }
+    Ok(r)
 }
 
 /// Guest memstamp MiB/s reported in serial output between byte offsets.
@@ -723,7 +702,7 @@ fn run_job(
     body: serde_json::Value,
 ) -> Result<serde_json::Value, BenchError> {
     let berr = |e: String| BenchError::Guest {
-        what: "apply".into(),
+        what: format!("job {path}"),
         message: e,
     };
     let job = crate::api_client::request(&dir.api_socket(), "POST", path, Some(&body))
