@@ -85,6 +85,17 @@ pub enum DiskError {
     },
 }
 
+/// What a layer holds itself at some range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Data of its own.
+    Data,
+    /// Explicit zeroes (they hide the backing file's data).
+    Zero,
+    /// Nothing: reads fall through to the backing file.
+    Below,
+}
+
 /// Image format of one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
@@ -354,6 +365,68 @@ impl Disk {
     pub fn flush(&self) -> io::Result<()> {
         self.access.flush()?;
         self.access.sync()
+    }
+
+    /// Opens only the top layer of `path`, read-only and without its
+    /// backing chain: reads return what this layer holds itself (zeroes
+    /// where it holds nothing). For walking a layer's own extents.
+    pub fn open_alone(path: &Path) -> Result<Self, DiskError> {
+        let layer = Layer {
+            path: path.to_path_buf(),
+            format: probe_format(path)?,
+        };
+        let access = open_layer(&layer, false, None)?;
+        Ok(Self {
+            access,
+            chain: vec![layer],
+            readonly: true,
+        })
+    }
+
+    /// What the top layer itself holds at `offset`, and for how many bytes
+    /// (at most `max_len`) that stays so.
+    pub fn top_extent(&self, offset: u64, max_len: u64) -> io::Result<(Held, u64)> {
+        use imago::format::drivers::ShallowMapping;
+        let (m, len) = self.access.get_shallow_mapping(offset, max_len)?;
+        let held = match m {
+            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Held::Data,
+            ShallowMapping::Zero { explicit: true, .. } => Held::Zero,
+            ShallowMapping::Zero { .. } | ShallowMapping::Indirect { .. } => Held::Below,
+            ShallowMapping::Eof { .. } => Held::Below,
+            _ => {
+                return Err(io::Error::other(format!(
+                    "{}: unknown kind of mapping at offset {offset}",
+                    self.chain[0].path.display()
+                )))
+            }
+        };
+        Ok((held, len.max(1).min(max_len)))
+    }
+
+    /// Copies into the top layer the part of `[offset, offset + len)` that
+    /// it does not hold itself, reading it through the backing chain (or
+    /// writing zeroes where `zero`). What the top holds already is newer
+    /// and stays. Returns the bytes copied.
+    pub fn pull_up(&self, offset: u64, len: u64, zero: bool) -> io::Result<u64> {
+        let mut copied = 0;
+        let mut at = offset;
+        let end = offset + len;
+        let mut buf = Vec::new();
+        while at < end {
+            let (held, n) = self.top_extent(at, end - at)?;
+            if held == Held::Below {
+                if zero {
+                    self.write_zeroes(at, n)?;
+                } else {
+                    buf.resize(n as usize, 0);
+                    self.read_at(&mut buf, at)?;
+                    self.write_at(&buf, at)?;
+                }
+                copied += n;
+            }
+            at += n;
+        }
+        Ok(copied)
     }
 
     /// Switches to `new_top`, a pre-created empty overlay whose backing file

@@ -9,6 +9,8 @@ pub mod disk;
 pub mod lazy;
 pub mod live;
 pub mod memory_file;
+pub mod merge;
+pub mod qcow2_header;
 pub mod state_file;
 pub mod tree;
 pub mod write_protect;

@@ -101,6 +101,13 @@ pub struct Tree {
     pub snapshots: Vec<SnapshotMeta>,
     /// The snapshot the VM's current state ("Now") hangs under.
     pub now: Option<String>,
+    /// Disk layers no snapshot or VM uses any more (relative to the VM
+    /// directory), waiting to be removed or merged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<PathBuf>,
+    /// The merge in progress, journaled before each step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<crate::merge::MergeRecord>,
 }
 
 impl Default for Tree {
@@ -109,6 +116,8 @@ impl Default for Tree {
             version: VERSION,
             snapshots: Vec::new(),
             now: None,
+            retired: Vec::new(),
+            merge: None,
         }
     }
 }
