@@ -66,6 +66,10 @@ pub trait ApiBackend: Send + Sync {
     ) -> Result<Value, ApiError>;
     /// GET /snapshots: the snapshot tree.
     fn snapshots(&self) -> Result<Value, ApiError>;
+    /// DELETE /snapshots/{ref}[?subtree=true]: removes the snapshot (and
+    /// its descendants) and starts the merges it allows; returns the
+    /// deleted snapshots and `{"job": id}` of the merge job (or null).
+    fn delete_snapshot(&self, reference: &str, subtree: bool) -> Result<Value, ApiError>;
 }
 
 /// Binds the API socket with mode 0600 (removing a stale one).
@@ -162,6 +166,13 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
             let eager = matches!(body.get("eager"), Some(Value::Bool(true)));
             Ok((202, backend.apply_snapshot(reference, save_current, eager)?))
         }
+        (["snapshots", reference], Method::Delete) => {
+            let query = req.url().split_once('?').map(|(_, q)| q).unwrap_or("");
+            let subtree = query
+                .split('&')
+                .any(|kv| kv == "subtree=true" || kv == "subtree=1" || kv == "subtree");
+            Ok((200, backend.delete_snapshot(reference, subtree)?))
+        }
         (["jobs", id], Method::Get) => backend
             .jobs()
             .get(id)
@@ -173,6 +184,7 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, Value), A
             | ["jobs"]
             | ["jobs", _]
             | ["snapshots"]
+            | ["snapshots", _]
             | ["snapshots", _, "apply"],
             m,
         ) => Err(ApiError::MethodNotAllowed(format!(

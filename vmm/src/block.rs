@@ -68,6 +68,55 @@ impl DiskBackend {
             .map(|d| d.chain()[0].path.clone())
     }
 
+    /// Merge step: copies into the top layer what it does not hold itself
+    /// of `[offset, offset + len)` (see [`Disk::pull_up`]). Holds the
+    /// disk exclusively meanwhile, so a guest write to the range is either
+    /// before (and kept) or after (and lands on the copy).
+    pub fn pull_up(&self, offset: u64, len: u64, zero: bool) -> io::Result<u64> {
+        let slot = self.disk.write().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(d) => d.pull_up(offset, len, zero),
+            None => Err(gone()),
+        }
+    }
+
+    /// Reopens the disk from its files, with `before` run on the closed
+    /// top layer (e.g. rewriting its backing reference), while guest I/O
+    /// waits. Returns how long the disk was held. If reopening fails the
+    /// device reports errors until the next switch.
+    pub fn reopen(
+        &self,
+        before: impl FnOnce(&Path) -> Result<(), String>,
+    ) -> Result<std::time::Duration, String> {
+        let mut slot = self.disk.write().unwrap_or_else(|e| e.into_inner());
+        let t0 = std::time::Instant::now();
+        let Some(disk) = slot.take() else {
+            return Err(gone().to_string());
+        };
+        let top = disk.chain()[0].path.clone();
+        let readonly = disk.readonly();
+        let flushed = disk.flush();
+        drop(disk);
+        let r = flushed
+            .map_err(|e| format!("{}: {e}", top.display()))
+            .and_then(|()| before(&top));
+        match Disk::open(&top, readonly) {
+            Ok(d) => *slot = Some(d),
+            Err(e) => return Err(e.to_string()),
+        }
+        r.map(|()| t0.elapsed())
+    }
+
+    /// The layers of the disk, top first.
+    pub fn chain(&self) -> Vec<std::path::PathBuf> {
+        self.disk
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|d| d.chain().iter().map(|l| l.path.clone()).collect())
+            .unwrap_or_default()
+    }
+
     fn with<T>(&self, f: impl FnOnce(&Disk) -> io::Result<T>) -> io::Result<T> {
         match self.disk.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
             Some(d) => f(d),

@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -52,6 +52,9 @@ pub enum DaemonError {
     /// The snapshot to restore is unusable.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshots::SnapshotError),
+    /// An interrupted merge could not be finished.
+    #[error(transparent)]
+    Merge(crate::merges::MergesError),
 }
 
 /// Power state of a running VMM.
@@ -82,6 +85,96 @@ pub struct Controller {
     jobs: Arc<Jobs>,
     stop_evt: Arc<EventFd>,
     stopping: Arc<AtomicBool>,
+    merger: Merger,
+}
+
+/// Starts and stops the VMM's background merge job. Snapshots and applies
+/// stop it first (a merge stops between two pieces with the chain intact)
+/// and start it again when they end.
+#[derive(Clone)]
+pub struct Merger {
+    dir: VmDir,
+    jobs: Arc<Jobs>,
+    disks: Vec<Arc<crate::block::DiskBackend>>,
+    cancel: Arc<AtomicBool>,
+    kick: Arc<AtomicU64>,
+    start_lock: Arc<Mutex<()>>,
+}
+
+impl Merger {
+    /// Starts the merge job if something waits for one and none runs;
+    /// returns the id of the merge job running.
+    pub fn start(&self) -> Option<String> {
+        self.kick.fetch_add(1, Ordering::SeqCst);
+        let _g = self.start_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(j) = self.jobs.running(&[MERGE_JOB]) {
+            return Some(j.id);
+        }
+        let tree = snapshot::tree::Tree::load(&crate::snapshots::tree_path(&self.dir)).ok()?;
+        if tree.retired.is_empty() && tree.merge.is_none() {
+            return None;
+        }
+        let m = self.clone();
+        Some(self.jobs.spawn(MERGE_JOB, move |job| {
+            let mut sum = crate::merges::MergeReport::default();
+            let mut first = true;
+            loop {
+                let generation = m.kick.load(Ordering::SeqCst);
+                let report = |done: u64, total: u64| {
+                    job.set_total(total);
+                    job.set_done(done);
+                };
+                let progress = crate::merges::Progress {
+                    cancel: &m.cancel,
+                    report: &report,
+                };
+                match crate::merges::run(&m.dir, &m.disks, &progress) {
+                    Ok(r) => {
+                        if first {
+                            sum.disk_bytes_before = r.disk_bytes_before;
+                            first = false;
+                        }
+                        sum.merged += r.merged;
+                        sum.removed += r.removed;
+                        sum.copied_bytes += r.copied_bytes;
+                        sum.switch_us_max = sum.switch_us_max.max(r.switch_us_max);
+                        sum.duration_ms += r.duration_ms;
+                        sum.waiting = r.waiting;
+                        sum.disk_bytes_after = r.disk_bytes_after;
+                    }
+                    Err(crate::merges::MergesError::Merge(
+                        snapshot::merge::MergeError::Cancelled,
+                    )) => {
+                        tracing::info!("merge interrupted; it continues after the current job");
+                        return Ok(json!({ "interrupted": true, "report": sum }));
+                    }
+                    Err(e) => {
+                        tracing::error!("merge failed: {e}");
+                        return Err(e.to_string());
+                    }
+                }
+                if m.kick.load(Ordering::SeqCst) == generation {
+                    tracing::info!(
+                        "merges done: {} merged, {} removed, disk files {} -> {} bytes",
+                        sum.merged,
+                        sum.removed,
+                        sum.disk_bytes_before,
+                        sum.disk_bytes_after
+                    );
+                    return Ok(json!(sum));
+                }
+            }
+        }))
+    }
+
+    /// Stops the merge job (if any) and waits for it.
+    pub fn stop(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        while self.jobs.running(&[MERGE_JOB]).is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        self.cancel.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Controller {
@@ -95,6 +188,7 @@ impl Controller {
 
     /// Waits for running jobs (they may read guest memory) to end.
     fn wait_jobs(&self) {
+        self.merger.stop();
         while self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]).is_some() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -105,6 +199,8 @@ impl Controller {
 pub const SNAPSHOT_JOB: &str = "snapshot-create";
 /// Kind of the snapshot apply job.
 pub const APPLY_JOB: &str = "snapshot-apply";
+/// Kind of the background merge job.
+pub const MERGE_JOB: &str = "merge";
 
 /// The layers of every disk, top first.
 pub fn disk_status(dir: &VmDir, toml: &VmToml) -> Value {
@@ -127,6 +223,16 @@ pub fn disk_status(dir: &VmDir, toml: &VmToml) -> Value {
     json!(disks)
 }
 
+/// Merges in progress and layers waiting for one.
+pub fn merge_status(dir: &VmDir, job: Option<crate::jobs::JobInfo>) -> Value {
+    let tree = snapshot::tree::Tree::load(&crate::snapshots::tree_path(dir)).unwrap_or_default();
+    json!({
+        "job": job,
+        "in_progress": tree.merge,
+        "waiting": tree.retired,
+    })
+}
+
 impl ApiBackend for Controller {
     fn status(&self) -> Value {
         let state = if self.stopping.load(Ordering::SeqCst) {
@@ -144,6 +250,7 @@ impl ApiBackend for Controller {
             "memory_bytes": crate::config::parse_size(&toml.memory).unwrap_or(0),
             "vcpus": toml.vcpus,
             "disks": disk_status(&self.dir, &toml),
+            "merges": merge_status(&self.dir, self.jobs.running(&[MERGE_JOB])),
         })
     }
 
@@ -216,18 +323,21 @@ impl ApiBackend for Controller {
             description,
             stop_and_copy,
         };
+        let merger = self.merger.clone();
         let id = self.jobs.spawn(SNAPSHOT_JOB, move |job| {
-            crate::snapshots::create_live(&vm, &dir, &toml, running, &opts, job)
-                .map(|r| {
-                    tracing::info!(
-                        "snapshot {} taken: paused {} us, {} bytes of memory",
-                        r.snapshot.id,
-                        r.snapshot.pause_us.unwrap_or(0),
-                        r.snapshot.memory_bytes
-                    );
-                    json!(r)
-                })
-                .map_err(|e| e.to_string())
+            merger.stop();
+            let r = crate::snapshots::create_live(&vm, &dir, &toml, running, &opts, job);
+            merger.start();
+            r.map(|r| {
+                tracing::info!(
+                    "snapshot {} taken: paused {} us, {} bytes of memory",
+                    r.snapshot.id,
+                    r.snapshot.pause_us.unwrap_or(0),
+                    r.snapshot.memory_bytes
+                );
+                json!(r)
+            })
+            .map_err(|e| e.to_string())
         });
         Ok(json!({ "job": id }))
     }
@@ -264,7 +374,9 @@ impl ApiBackend for Controller {
         );
         let (stop_evt, stopping) = (self.stop_evt.clone(), self.stopping.clone());
         let reference = reference.to_string();
+        let merger = self.merger.clone();
         let id = self.jobs.spawn(APPLY_JOB, move |job| {
+            merger.stop();
             let r = crate::snapshots::apply_live(
                 &vm,
                 &dir,
@@ -288,6 +400,10 @@ impl ApiBackend for Controller {
                 // A failed apply leaves the vCPUs paused.
                 Err(_) => *p = Power::Paused,
             }
+            drop(p);
+            if !stopping.load(Ordering::SeqCst) {
+                merger.start();
+            }
             r.map(|a| {
                 tracing::info!("applied snapshot {} in {} ms", a.applied.id, a.apply_ms);
                 json!(a)
@@ -295,6 +411,32 @@ impl ApiBackend for Controller {
             .map_err(|e| e.to_string())
         });
         Ok(json!({ "job": id }))
+    }
+
+    fn delete_snapshot(&self, reference: &str, subtree: bool) -> Result<Value, ApiError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::Conflict("the VM is stopping".into()));
+        }
+        if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]) {
+            return Err(ApiError::Conflict(format!(
+                "{} job {} is still running; delete after it ends",
+                j.kind, j.id
+            )));
+        }
+        let r = crate::snapshots::delete(&self.dir, reference, subtree).map_err(|e| match e {
+            crate::snapshots::SnapshotError::Tree(e @ snapshot::tree::TreeError::NotFound(_)) => {
+                ApiError::NotFound(e.to_string())
+            }
+            crate::snapshots::SnapshotError::Tree(
+                e @ snapshot::tree::TreeError::Ambiguous { .. },
+            ) => ApiError::BadRequest(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        })?;
+        for s in &r.deleted {
+            tracing::info!("deleted snapshot {} ({})", s.id, s.name);
+        }
+        let job = self.merger.start();
+        Ok(json!({ "deleted": r.deleted, "retired": r.retired, "job": job }))
     }
 
     fn snapshots(&self) -> Result<Value, ApiError> {
@@ -344,6 +486,13 @@ fn take_lock(dir: &VmDir) -> Result<File, DaemonError> {
     Ok(f)
 }
 
+/// Takes the lock of a VM that is off, for work on its files (merges) that
+/// must not overlap a start; fails if the VM runs.
+pub fn lock_stopped(dir: &VmDir) -> Result<File, DaemonError> {
+    std::fs::create_dir_all(dir.run_dir()).map_err(io_err("create", &dir.run_dir()))?;
+    take_lock(dir)
+}
+
 /// Whether a live VMM holds the VM's lock.
 pub fn is_running(dir: &VmDir) -> bool {
     let Ok(f) = File::open(dir.lock_file()) else {
@@ -378,6 +527,11 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
     std::fs::write(dir.pid_file(), format!("{}\n", std::process::id()))
         .map_err(io_err("write", &dir.pid_file()))?;
 
+    // A merge interrupted in its switch is finished before any disk opens.
+    if let Err(e) = crate::merges::recover(&dir, &[]) {
+        tracing::error!("cannot finish the interrupted merge: {e}");
+        return Err(DaemonError::Merge(e));
+    }
     let toml = dir.load()?;
     for id in crate::snapshots::clean_leftovers(&dir, &toml) {
         tracing::warn!("cleaned up the incomplete snapshot {id}");
@@ -441,6 +595,15 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
 
     vm.start(paused)?;
     let vm_stop_fd = vm.stop_eventfd().as_raw_fd();
+    let jobs = Jobs::new();
+    let merger = Merger {
+        dir: dir.clone(),
+        jobs: jobs.clone(),
+        disks: vm.disk_backends(),
+        cancel: Arc::new(AtomicBool::new(false)),
+        kick: Arc::new(AtomicU64::new(0)),
+        start_lock: Arc::new(Mutex::new(())),
+    };
     let controller = Arc::new(Controller {
         vm: Arc::new(Mutex::new(vm)),
         power: Arc::new(Mutex::new(if paused {
@@ -451,11 +614,12 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
         started: Instant::now(),
         dir: dir.clone(),
         toml: Arc::new(Mutex::new(toml)),
-        jobs: Jobs::new(),
+        jobs,
         stop_evt: Arc::new(
             EventFd::new(EFD_NONBLOCK).map_err(io_err("create", Path::new("eventfd")))?,
         ),
         stopping: Arc::new(AtomicBool::new(false)),
+        merger,
     });
     let server =
         Arc::new(api_server::bind(&dir.api_socket()).map_err(io_err("bind", &dir.api_socket()))?);
@@ -466,6 +630,8 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
         controller.toml().name,
         controller.power().name()
     );
+    // Merges left by deletes (or an interrupted merge) continue.
+    controller.merger.start();
 
     let sig = event_loop(vec![vm_stop_fd, controller.stop_evt.as_raw_fd()], vec![])?;
     controller.stopping.store(true, Ordering::SeqCst);

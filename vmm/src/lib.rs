@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory;
+pub mod merges;
 pub mod run;
 pub mod snapshots;
 pub mod vcpu;

@@ -251,6 +251,7 @@ pub fn status(root: &Path) -> Result<Value, LifecycleError> {
         "memory_bytes": crate::config::parse_size(&toml.memory).unwrap_or(0),
         "vcpus": toml.vcpus,
         "disks": disk_status(&dir, &toml),
+        "merges": crate::daemon::merge_status(&dir, None),
         "last_exit": last_exit,
     }))
 }
@@ -288,6 +289,29 @@ pub fn format_status(v: &Value) -> String {
             let role = if i == 0 { "working layer" } else { "backing" };
             s += &format!("    {}  ({role})\n", l.as_str().unwrap_or("?"));
         }
+    }
+    let m = &v["merges"];
+    if let Some(j) = m["job"].as_object() {
+        let (done, total) = (
+            j.get("done").and_then(Value::as_u64).unwrap_or(0),
+            j.get("total").and_then(Value::as_u64).unwrap_or(0),
+        );
+        s += &format!(
+            "  merge in progress: job {}, {} of {} MiB\n",
+            j.get("id").and_then(Value::as_str).unwrap_or("?"),
+            done >> 20,
+            total >> 20
+        );
+    }
+    if let Some(p) = m["in_progress"].as_object() {
+        s += &format!(
+            "  merging: {} with {}\n",
+            p.get("parent").and_then(Value::as_str).unwrap_or("?"),
+            p.get("child").and_then(Value::as_str).unwrap_or("?")
+        );
+    }
+    for w in m["waiting"].as_array().into_iter().flatten() {
+        s += &format!("  waiting for a merge: {}\n", w.as_str().unwrap_or("?"));
     }
     if let Some(o) = v["last_exit"]["outcome"].as_str() {
         s += &format!("  last exit: {o}\n");
@@ -426,20 +450,7 @@ pub fn console(root: &Path) -> Result<(), LifecycleError> {
 /// Follows job `id` until it ends: a progress bar on a terminal, a line
 /// every second otherwise. Returns the job's result.
 pub fn wait_job(socket: &Path, id: &str, what: &str) -> Result<Value, LifecycleError> {
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
-    let bar = tty.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        b.set_message(what.to_string());
-        b
-    });
+    let bar = progress_bar(what);
     let mut last_line = Instant::now();
     loop {
         let j = api_client::request(socket, "GET", &format!("/jobs/{id}"), None)?;
@@ -687,6 +698,7 @@ pub fn snapshot_list(root: &Path, json_out: bool, as_tree: bool) -> Result<(), L
     }
     if as_tree {
         print!("{}", render_tree(&tree));
+        print!("{}", render_merges(&tree));
         return Ok(());
     }
     println!("{:<36}  {:<8} {:>10}  NAME", "ID", "STATE", "PAUSE us");
@@ -706,7 +718,155 @@ pub fn snapshot_list(root: &Path, json_out: bool, as_tree: bool) -> Result<(), L
             s.name
         );
     }
+    print!("{}", render_merges(&tree));
     Ok(())
+}
+
+/// Lines about disk layers waiting for a merge and the merge in progress.
+pub fn render_merges(tree: &Tree) -> String {
+    let mut s = String::new();
+    if let Some(m) = &tree.merge {
+        s += &format!(
+            "merging disk layer {} with {} ({:?})\n",
+            m.parent.display(),
+            m.child.display(),
+            m.direction
+        );
+    }
+    for r in &tree.retired {
+        s += &format!("disk layer {} waits for a merge\n", r.display());
+    }
+    s
+}
+
+/// One line about a merge job's result.
+fn merge_summary(r: &Value) -> String {
+    let rep = if r["interrupted"] == true {
+        &r["report"]
+    } else {
+        r
+    };
+    let mib = |k: &str| rep[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    let mut s = format!(
+        "merged {} disk layer(s), removed {}; copied {:.1} MiB; disk files {:.1} MiB -> {:.1} MiB",
+        rep["merged"],
+        rep["removed"],
+        mib("copied_bytes"),
+        mib("disk_bytes_before"),
+        mib("disk_bytes_after"),
+    );
+    if let Some(w) = rep["waiting"].as_array().filter(|w| !w.is_empty()) {
+        s += &format!(
+            "; {} layer(s) wait until only one layer stands on them",
+            w.len()
+        );
+    }
+    if r["interrupted"] == true {
+        s += " (interrupted by another job; it continues after it)";
+    }
+    s
+}
+
+/// `snapvm snapshot delete`: removes the snapshot (with `subtree`, its
+/// descendants too) and merges the disk layers it leaves, in the VMM's
+/// background job when the VM runs, here when it is off.
+pub fn snapshot_delete(
+    root: &Path,
+    reference: &str,
+    subtree: bool,
+    no_wait: bool,
+) -> Result<(), LifecycleError> {
+    let dir = VmDir::open(root)?;
+    let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
+    let target = tree
+        .resolve(reference)
+        .map_err(SnapshotError::from)?
+        .clone();
+    let say_deleted = |deleted: &[Value]| {
+        for d in deleted {
+            println!(
+                "deleted snapshot {} \"{}\"",
+                d["id"].as_str().unwrap_or("?"),
+                d["name"].as_str().unwrap_or("?")
+            );
+        }
+    };
+    if is_running(&dir) {
+        let q = if subtree { "?subtree=true" } else { "" };
+        let r = api_client::request(
+            &dir.api_socket(),
+            "DELETE",
+            &format!("/snapshots/{}{q}", target.id),
+            None,
+        )?;
+        say_deleted(r["deleted"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+        match r["job"].as_str() {
+            None => println!("no disk layers to merge"),
+            Some(id) if no_wait => println!(
+                "merge job {id} runs in the background (`snapvm status` shows its progress)"
+            ),
+            Some(id) => {
+                let res = wait_job(&dir.api_socket(), id, "merge")?;
+                println!("{}", merge_summary(&res));
+            }
+        }
+        return Ok(());
+    }
+    let _lock =
+        crate::daemon::lock_stopped(&dir).map_err(|e| LifecycleError::JobFailed(e.to_string()))?;
+    let r = crate::snapshots::delete(&dir, &target.id, subtree)?;
+    let deleted: Vec<Value> = r.deleted.iter().map(|m| json!(m)).collect();
+    say_deleted(&deleted);
+    if no_wait {
+        println!("the disk layers are merged when the VM next starts");
+        return Ok(());
+    }
+    let bar = progress_bar("merge");
+    let last_line = std::cell::Cell::new(Instant::now());
+    let report = |done: u64, total: u64| match &bar {
+        Some(b) => {
+            b.set_length(total);
+            b.set_position(done);
+        }
+        None if last_line.get().elapsed() >= Duration::from_secs(1) => {
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
+            eprintln!("merge: {pct}% ({} of {} MiB)", done >> 20, total >> 20);
+            last_line.set(Instant::now());
+        }
+        None => {}
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let res = crate::merges::run(
+        &dir,
+        &[],
+        &crate::merges::Progress {
+            cancel: &cancel,
+            report: &report,
+        },
+    );
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let res = res.map_err(|e| LifecycleError::JobFailed(e.to_string()))?;
+    println!("{}", merge_summary(&json!(res)));
+    Ok(())
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_message(what.to_string());
+        b
+    })
 }
 
 #[cfg(test)]

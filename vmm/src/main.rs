@@ -49,7 +49,7 @@ enum Command {
         #[arg(long, value_name = "SNAPSHOT")]
         from: Option<String>,
     },
-    /// Snapshots: take, list.
+    /// Snapshots: create, list, apply, delete, export, show, rename, describe.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
     /// Stop the VM (its running state is discarded; disks are flushed).
@@ -148,6 +148,24 @@ enum SnapshotCommand {
         /// nothing is lost.
         #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
         save_current: Option<String>,
+    },
+    /// Delete a snapshot (with --subtree, also everything below it). Its
+    /// saved state and memory go; its disk layers are merged with their
+    /// neighbours in the background while the VM keeps running (or here,
+    /// with progress, when the VM is off). The VM and the other snapshots
+    /// read exactly what they read before; an interrupted merge is
+    /// finished at the next start.
+    Delete {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// Also delete all snapshots below it.
+        #[arg(long)]
+        subtree: bool,
+        /// Return once the snapshot is gone, without waiting for merges.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Export a snapshot as a standalone VM directory (configuration,
     /// kernel, flattened disks, state and memory): a snapshot is not a
@@ -487,6 +505,13 @@ fn lifecycle(cmd: Command) -> ExitCode {
             snapshot,
             save_current,
         }) => lifecycle::snapshot_apply(&vmdir, &snapshot, save_current).map_err(|e| e.to_string()),
+        Command::Snapshot(SnapshotCommand::Delete {
+            vmdir,
+            snapshot,
+            subtree,
+            no_wait,
+        }) => lifecycle::snapshot_delete(&vmdir, &snapshot, subtree, no_wait)
+            .map_err(|e| e.to_string()),
         Command::Snapshot(SnapshotCommand::Export {
             vmdir,
             snapshot,

@@ -441,6 +441,15 @@ pub fn clean_leftovers(dir: &VmDir, toml: &VmToml) -> Vec<String> {
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(id) = name.strip_suffix(".partial") else {
+            // A snapshot directory no longer in the tree: a delete was
+            // interrupted after the tree was updated.
+            let orphan = e.path().is_dir()
+                && uuid::Uuid::parse_str(&name).is_ok()
+                && !tree.snapshots.iter().any(|s| s.id == name);
+            if orphan {
+                let _ = std::fs::remove_dir_all(e.path());
+                tracing::warn!("removed the files of deleted snapshot {name}");
+            }
             continue;
         };
         let _ = std::fs::remove_dir_all(e.path());
@@ -522,8 +531,16 @@ pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, 
     snap_toml.name = previous_toml.name.clone();
     dir.save(&snap_toml)?;
     let id = snap.id.clone();
+    // The working layers being replaced are discarded (or, with
+    // --save-current, frozen by a snapshot, which keeps them in use).
+    let discarded: Vec<PathBuf> = previous_toml
+        .disks
+        .iter()
+        .map(|d| d.current.clone())
+        .collect();
     Tree::update(&tp, |t| {
         t.now = Some(id);
+        t.retired.extend(discarded);
         Ok(())
     })?;
     Ok(PreparedRestore {
@@ -548,8 +565,10 @@ impl PreparedRestore {
             tracing::error!("cannot restore vm.toml: {e}");
         }
         let now = self.previous_tree.now.clone();
+        let retired = self.previous_tree.retired.clone();
         if let Err(e) = Tree::update(&tree_path(dir), |t| {
             t.now = now;
+            t.retired = retired;
             Ok(())
         }) {
             tracing::error!("cannot restore tree.json: {e}");
@@ -558,6 +577,72 @@ impl PreparedRestore {
             let _ = std::fs::remove_file(l);
         }
     }
+}
+
+/// What `snapshot delete` removed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeleteResult {
+    /// The snapshots removed from the tree.
+    pub deleted: Vec<SnapshotMeta>,
+    /// Disk layers now waiting to be removed or merged.
+    pub retired: Vec<PathBuf>,
+}
+
+/// Removes snapshot `reference` (with `subtree`, also all its descendants)
+/// from the tree and deletes its saved state and memory. Its children hang
+/// under its parent from now on, and so does "Now" if it hung under a
+/// deleted snapshot. Its disk layers are retired: [`crate::merges::run`]
+/// removes or merges them. Nothing the VM or another snapshot reads
+/// changes.
+pub fn delete(dir: &VmDir, reference: &str, subtree: bool) -> Result<DeleteResult, SnapshotError> {
+    let result = Tree::update(&tree_path(dir), |t| {
+        let target = t.resolve(reference)?.clone();
+        let mut gone = vec![target.id.clone()];
+        if subtree {
+            let mut i = 0;
+            while i < gone.len() {
+                let kids: Vec<String> = t.children(&gone[i]).iter().map(|c| c.id.clone()).collect();
+                gone.extend(kids);
+                i += 1;
+            }
+        }
+        let deleted: Vec<SnapshotMeta> = t
+            .snapshots
+            .iter()
+            .filter(|s| gone.contains(&s.id))
+            .cloned()
+            .collect();
+        for s in t.snapshots.iter_mut() {
+            if s.parent.as_deref() == Some(target.id.as_str()) {
+                s.parent = target.parent.clone();
+            }
+        }
+        if t.now.as_ref().is_some_and(|n| gone.contains(n)) {
+            t.now = target.parent.clone();
+        }
+        t.snapshots.retain(|s| !gone.contains(&s.id));
+        let retired: Vec<PathBuf> = deleted
+            .iter()
+            .flat_map(|s| s.disks.iter().map(|d| d.layer.clone()))
+            .collect();
+        for r in &retired {
+            if !t.retired.contains(r) {
+                t.retired.push(r.clone());
+            }
+        }
+        Ok(DeleteResult { deleted, retired })
+    })?;
+    let sdir = snapshots_dir(dir);
+    for s in &result.deleted {
+        let d = sdir.join(&s.id);
+        if let Err(e) = std::fs::remove_dir_all(&d) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(io_err("cannot remove", &d)(e));
+            }
+        }
+    }
+    sync_dir(&sdir).map_err(io_err("cannot sync", &sdir))?;
+    Ok(result)
 }
 
 /// Renames snapshot `reference`.

@@ -755,6 +755,11 @@ impl Vm {
         Ok(())
     }
 
+    /// The disks' backends, in disk order (for merges).
+    pub fn disk_backends(&self) -> Vec<Arc<DiskBackend>> {
+        self.disk_backends.clone()
+    }
+
     /// The top layer of each disk.
     pub fn disk_tops(&self) -> Vec<Option<PathBuf>> {
         self.disk_backends.iter().map(|d| d.top()).collect()
