@@ -351,6 +351,36 @@ impl TestVm {
         }
     }
 
+    /// Takes a snapshot named `name`; returns its id.
+    pub fn take(&self, name: &str) -> String {
+        let r = self.ok2(&["snapshot", "create"], &["--name", name]);
+        r.stdout.split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    /// Applies `snap` to the running VM (with `extra` options) and checks
+    /// that the guest verifies memory and disk after it: a diskstamp pass
+    /// checks every block against generations kept in memory, a memstamp
+    /// pass on vCPU 1 every page. Returns the command's output.
+    pub fn apply_and_verify(&self, snap: &str, extra: &[&str], timeout: Duration) -> String {
+        let pid = self.status()["pid"].clone();
+        let mark = self.serial().len();
+        let mut more = vec![snap];
+        more.extend_from_slice(extra);
+        let r = self.cli2(&["snapshot", "apply"], &more);
+        assert_eq!(
+            r.code(),
+            0,
+            "{r:?}\nvmm.log:\n{}",
+            std::fs::read_to_string(self.dir.join("logs/vmm.log")).unwrap_or_default()
+        );
+        assert!(r.stdout.contains("the VM is running"), "{r:?}");
+        assert_eq!(self.status()["pid"], pid, "applied inside the same VMM");
+        let out = self.wait_serial(mark, "workload=diskstamp gen=", 1, timeout);
+        self.wait_serial(mark, "vcpu=1 gen=", 1, timeout);
+        assert!(!out.contains("READY"), "not rebooted: {out}");
+        r.stdout
+    }
+
     /// The snapshot tree (`snapshot list --json`).
     pub fn tree(&self) -> serde_json::Value {
         let r = self.cli(&["snapshot", "list", "--json"]);

@@ -11,31 +11,11 @@ const T: Duration = Duration::from_secs(120);
 const LAB: &str = "workload=memstamp disk=1 blocks=512 mem_mib=32 passes=0 rate=50";
 
 fn take(vm: &TestVm, name: &str) -> String {
-    let r = vm.ok2(&["snapshot", "create"], &["--name", name]);
-    r.stdout.split_whitespace().nth(1).unwrap().to_string()
+    vm.take(name)
 }
 
-/// Applies `snap` and checks the guest verifies memory and disk after it.
 fn apply_and_verify(vm: &TestVm, snap: &str, extra: &[&str]) -> String {
-    let pid = vm.status()["pid"].clone();
-    let mark = vm.serial().len();
-    let mut more = vec![snap];
-    more.extend_from_slice(extra);
-    let r = vm.cli2(&["snapshot", "apply"], &more);
-    assert_eq!(
-        r.code(),
-        0,
-        "{r:?}\nvmm.log:\n{}",
-        std::fs::read_to_string(vm.dir.join("logs/vmm.log")).unwrap_or_default()
-    );
-    assert!(r.stdout.contains("the VM is running"), "{r:?}");
-    assert_eq!(vm.status()["pid"], pid, "applied inside the same VMM");
-    // Disk passes check every block against generations kept in memory;
-    // memory passes check every page: both continue from the snapshot.
-    let out = vm.wait_serial(mark, "workload=diskstamp gen=", 1, T);
-    vm.wait_serial(mark, "vcpu=1 gen=", 1, T);
-    assert!(!out.contains("READY"), "not rebooted: {out}");
-    r.stdout
+    vm.apply_and_verify(snap, extra, T)
 }
 
 fn parent_of(tree: &Value, id: &str) -> Value {

@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(acts[3], Action::Forget(normalize(&top)));
         let used = vec![top.clone()];
         let g = LayerGraph::build(&used).unwrap();
-        match &plan(&g, &used, &[mid.clone()])[0] {
+        match &plan(&g, &used, std::slice::from_ref(&mid))[0] {
             Action::Merge {
                 parent,
                 child,

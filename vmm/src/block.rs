@@ -75,7 +75,11 @@ impl DiskBackend {
     pub fn pull_up(&self, offset: u64, len: u64, zero: bool) -> io::Result<u64> {
         let slot = self.disk.write().unwrap_or_else(|e| e.into_inner());
         match slot.as_ref() {
-            Some(d) => d.pull_up(offset, len, zero),
+            // Metadata goes to the file at once, as after guest writes.
+            Some(d) => d.pull_up(offset, len, zero).and_then(|n| {
+                d.write_back()?;
+                Ok(n)
+            }),
             None => Err(gone()),
         }
     }
