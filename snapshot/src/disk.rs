@@ -429,6 +429,30 @@ impl Disk {
         Ok(copied)
     }
 
+    /// Like [`Disk::pull_up`] with the data already read (from the backing
+    /// layer that holds it): writes the parts of `buf` (placed at
+    /// `offset`) that the top layer does not hold itself, or zeroes there
+    /// where `zero`. Returns the bytes written.
+    pub fn fill_below(&self, buf: &[u8], offset: u64, zero: bool) -> io::Result<u64> {
+        let mut copied = 0;
+        let mut at = offset;
+        let end = offset + buf.len() as u64;
+        while at < end {
+            let (held, n) = self.top_extent(at, end - at)?;
+            if held == Held::Below {
+                if zero {
+                    self.write_zeroes(at, n)?;
+                } else {
+                    let i = (at - offset) as usize;
+                    self.write_at(&buf[i..i + n as usize], at)?;
+                }
+                copied += n;
+            }
+            at += n;
+        }
+        Ok(copied)
+    }
+
     /// Switches to `new_top`, a pre-created empty overlay whose backing file
     /// is this disk's top layer: from here on writes land in `new_top` and
     /// the old top is only read. The old top's cached metadata is written to

@@ -175,16 +175,35 @@ pub fn rebacked_header(
 /// makes it durable. Idempotent: a torn or lost write is repaired by
 /// writing the same bytes again.
 pub fn write_header(path: &Path, header: &[u8]) -> Result<(), HeaderError> {
-    let io_err = |source| HeaderError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    write_header_unsynced(path, header)?;
+    sync(path)
+}
+
+/// [`write_header`] without the fsync, for a caller that must not wait
+/// for the file's other dirty data at that moment; it calls [`sync`]
+/// before anything depends on the new header.
+pub fn write_header_unsynced(path: &Path, header: &[u8]) -> Result<(), HeaderError> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
-        .map_err(io_err)?;
-    f.write_all_at(header, 0).map_err(io_err)?;
-    f.sync_all().map_err(io_err)
+        .map_err(|source| HeaderError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    f.write_all_at(header, 0).map_err(|source| HeaderError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Makes everything written to `path` durable.
+pub fn sync(path: &Path) -> Result<(), HeaderError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| HeaderError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -68,15 +68,17 @@ impl DiskBackend {
             .map(|d| d.chain()[0].path.clone())
     }
 
-    /// Merge step: copies into the top layer what it does not hold itself
-    /// of `[offset, offset + len)` (see [`Disk::pull_up`]). Holds the
-    /// disk exclusively meanwhile, so a guest write to the range is either
-    /// before (and kept) or after (and lands on the copy).
-    pub fn pull_up(&self, offset: u64, len: u64, zero: bool) -> io::Result<u64> {
+    /// Merge step: writes into the top layer the parts of `buf` (data of
+    /// its backing layer at `offset`, read beforehand without any lock)
+    /// that the top does not hold itself (see [`Disk::fill_below`]).
+    /// Holds the disk exclusively only for that check and write, so a guest
+    /// write to the range is either before (and kept) or after (and lands
+    /// on the copy).
+    pub fn fill_below(&self, buf: &[u8], offset: u64, zero: bool) -> io::Result<u64> {
         let slot = self.disk.write().unwrap_or_else(|e| e.into_inner());
         match slot.as_ref() {
             // Metadata goes to the file at once, as after guest writes.
-            Some(d) => d.pull_up(offset, len, zero).and_then(|n| {
+            Some(d) => d.fill_below(buf, offset, zero).and_then(|n| {
                 d.write_back()?;
                 Ok(n)
             }),
@@ -86,7 +88,7 @@ impl DiskBackend {
 
     /// Reopens the disk from its files, with `before` run on the closed
     /// top layer (e.g. rewriting its backing reference), while guest I/O
-    /// waits. Returns how long the disk was held. If reopening fails the
+    /// waits. Nothing is synced. Returns how long the disk was held. If reopening fails the
     /// device reports errors until the next switch.
     pub fn reopen(
         &self,
@@ -99,7 +101,9 @@ impl DiskBackend {
         };
         let top = disk.chain()[0].path.clone();
         let readonly = disk.readonly();
-        let flushed = disk.flush();
+        // Metadata to the file, no fsync: the caller syncs once the guest
+        // runs again if it needs durability.
+        let flushed = disk.write_back();
         drop(disk);
         let r = flushed
             .map_err(|e| format!("{}: {e}", top.display()))

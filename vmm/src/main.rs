@@ -308,6 +308,20 @@ enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
     },
+    /// Merge after a delete: a snapshot whose disk layer holds SIZE MiB is
+    /// deleted while the guest runs; merge throughput next to dd, guest
+    /// throughput during the merge versus before, and the final switch.
+    Merge {
+        /// Sizes of the layer to merge, MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        sizes: Vec<u64>,
+        /// Directory for the VM (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
     /// Guest 4 KiB sequential and random read/write throughput on raw, qcow2
     /// and a 3-layer qcow2 chain, next to the host's own I/O on the same files.
     Disk {
@@ -662,6 +676,17 @@ fn main() -> ExitCode {
                 count: count.max(1),
             };
             match vmm::bench::apply(&b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Bench(BenchCommand::Merge { sizes, dir, kernel }) => {
+            let b = vmm::bench::MergeBench {
+                kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                sizes_mib: sizes,
+            };
+            match vmm::bench::merge(&b) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

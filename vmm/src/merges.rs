@@ -21,7 +21,7 @@ use snapshot::merge::{
     chunks, copy_into_child, copy_into_parent, normalize, own_bytes, own_extents, plan, Action,
     Direction, LayerGraph, MergeError, MergeRecord, Phase,
 };
-use snapshot::qcow2_header::{rebacked_header, write_header};
+use snapshot::qcow2_header::{rebacked_header, sync, write_header, write_header_unsynced};
 use snapshot::tree::Tree;
 
 use crate::block::DiskBackend;
@@ -38,6 +38,9 @@ pub const MERGE_DELAY_ENV: &str = "SNAPVM_TEST_MERGE_DELAY_MS";
 pub const MERGE_CRASH_ENV: &str = "SNAPVM_TEST_MERGE_CRASH";
 
 const PIECE: u64 = 1 << 20;
+/// Pieces copied into a running VM's disk are smaller: the guest's own
+/// requests wait while one is copied.
+const LIVE_PIECE: u64 = 1 << 20;
 
 /// Errors of a merge run.
 #[derive(Debug, thiserror::Error)]
@@ -169,11 +172,12 @@ pub fn recover(dir: &VmDir, live: &[Arc<DiskBackend>]) -> Result<Option<MergeRec
                 Some(i) => {
                     let h = header.clone();
                     live[i]
-                        .reopen(|top| write_header(top, &h).map_err(|e| e.to_string()))
+                        .reopen(|top| write_header_unsynced(top, &h).map_err(|e| e.to_string()))
                         .map_err(|message| MergesError::Switch {
                             path: child.clone(),
                             message,
                         })?;
+                    sync(&child).map_err(MergeError::from)?;
                 }
                 None => write_header(&child, header).map_err(MergeError::from)?,
             }
@@ -351,13 +355,25 @@ fn merge_one(
         (Direction::IntoChild, Some(i)) => {
             let mut step = step;
             let mut done = 0;
-            for p in chunks(&own_extents(parent)?, PIECE) {
+            let src = snapshot::disk::Disk::open_alone(parent).map_err(MergeError::from)?;
+            let mut buf = Vec::new();
+            for p in chunks(&own_extents(parent)?, LIVE_PIECE) {
+                buf.resize(p.len as usize, 0);
+                if !p.zero {
+                    src.read_at(&mut buf, p.offset)
+                        .map_err(|source| MergeError::Io {
+                            path: parent.to_path_buf(),
+                            source,
+                        })?;
+                }
                 live[i]
-                    .pull_up(p.offset, p.len, p.zero)
+                    .fill_below(&buf, p.offset, p.zero)
                     .map_err(|source| MergeError::Io {
                         path: child.to_path_buf(),
                         source,
                     })?;
+                // Let guest requests that queued behind the piece in.
+                std::thread::sleep(Duration::from_micros(100));
                 done += p.len;
                 if !step(done) {
                     return Err(MergeError::Cancelled.into());
@@ -393,7 +409,7 @@ fn merge_one(
                     }
                     crash_at("torn");
                 }
-                write_header(top, &header).map_err(|e| e.to_string())
+                write_header_unsynced(top, &header).map_err(|e| e.to_string())
             };
             match live_child {
                 Some(i) => {
@@ -410,6 +426,9 @@ fn merge_one(
                     message,
                 })?,
             }
+            // The parent goes only once the new header is durable (the
+            // guest already runs on the switched disk meanwhile).
+            sync(child).map_err(MergeError::from)?;
             remove_layer(parent)?;
         }
         Direction::IntoParent => {
