@@ -418,3 +418,34 @@ impl Drop for TestVm {
         }
     }
 }
+
+/// Mounts a tmpfs of `size` (e.g. "48M") on `dir` (needs root).
+pub fn mount_tmpfs(dir: &std::path::Path, size: &str) -> bool {
+    std::fs::create_dir_all(dir).unwrap();
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Changes the size of the tmpfs on `dir`.
+pub fn resize_tmpfs(dir: &std::path::Path, size: &str) {
+    let st = Command::new("mount")
+        .args(["-o", &format!("remount,size={size}")])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "remount {} size={size}", dir.display());
+}
+
+/// Stops the VM in `<dir>/vm` and unmounts the tmpfs on `dir` when dropped.
+pub struct Unmount(pub std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = snapvm(&["stop", "--force", self.0.join("vm").to_str().unwrap()]);
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use snapvm_tests::{run_with_timeout, snapvm_bin, Finished, TestVm};
+use snapvm_tests::{mount_tmpfs, run_with_timeout, snapvm_bin, Finished, TestVm, Unmount};
 
 const T: Duration = Duration::from_secs(120);
 /// memstamp on vCPUs 1-2, diskstamp on vCPU 0 over 4 MiB of the disk.
@@ -267,10 +267,59 @@ fn start_with(vm: &TestVm, env: &[(&str, &str)]) {
     assert_eq!(r.code(), 0, "{r:?}");
 }
 
+/// A merge that runs out of space fails with a clear error and changes
+/// nothing any snapshot reads; with room again it completes.
+#[test]
+fn full_disk_fails_the_merge_not_the_chain() {
+    let root = std::env::temp_dir().join(format!("snapvm-t-mergefull-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(mount_tmpfs(&root, "768M"), "mounting a tmpfs needs root");
+    let _guard = Unmount(root.clone());
+    let vm = TestVm::create_in(&root, LAB, "128M", 3, 8);
+    let (vm, [a, b, c], exports) = build_chain(vm, &[("SNAPVM_TEST_MERGE_DELAY_MS", "300")], false);
+    // Paused, so that the guest's own writes do not meet the full disk.
+    // D's layer holds what the guest wrote since C; the new working layer
+    // holds nothing yet, so merging D's layer into it needs room.
+    vm.ok(&["pause"]);
+    let d = vm.take("D");
+    let mut del = Command::new(snapvm_bin())
+        .args(["snapshot", "delete"])
+        .arg(&vm.dir)
+        .arg(&d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The merge copies a piece every 300 ms: fill the disk meanwhile.
+    std::thread::sleep(Duration::from_millis(150));
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", root.join("filler").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let out = del.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    std::fs::remove_file(root.join("filler")).unwrap();
+    let t = vm.tree();
+    assert_eq!(ids(&t), [a.clone(), b.clone(), c.clone()]);
+    assert!(t["retired"].as_array().is_some_and(|r| r.len() == 1), "{t}");
+    check_layers(&vm, &exports);
+    // Any later job (here an apply) lets the merge run again.
+    apply_all(&vm);
+    wait_merged(&vm);
+    check_layers(&vm, &exports);
+    apply_all(&vm);
+}
+
 /// A - B - C - Now, with B's layer holding a full diskstamp pass. With
 /// `small_c`, the guest is paused between B and C, so C's layer is empty.
 fn chain(tag: &str, env: &[(&str, &str)], small_c: bool) -> (TestVm, [String; 3], Exports) {
-    let vm = TestVm::create(tag, LAB, "128M", 3, 8);
+    build_chain(TestVm::create(tag, LAB, "128M", 3, 8), env, small_c)
+}
+
+fn build_chain(vm: TestVm, env: &[(&str, &str)], small_c: bool) -> (TestVm, [String; 3], Exports) {
     start_with(&vm, env);
     vm.wait_serial(0, "workload=diskstamp gen=1", 1, T);
     let a = vm.take("A");

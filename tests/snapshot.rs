@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use snapvm_tests::{run_with_timeout, snapvm, TestVm};
+use snapvm_tests::{mount_tmpfs, resize_tmpfs, run_with_timeout, TestVm, Unmount};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -310,24 +310,6 @@ fn corrupt_snapshot_files_are_refused() {
     vm.wait_serial(mark, "TESTGUEST PASS", 1, T);
 }
 
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
-    std::fs::create_dir_all(dir).unwrap();
-    Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-struct Unmount(std::path::PathBuf);
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = snapvm(&["stop", "--force", self.0.join("vm").to_str().unwrap()]);
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_disk_fails_the_snapshot_not_the_vm() {
     let root = std::env::temp_dir().join(format!("snapvm-t-full-{}", std::process::id()));
@@ -365,12 +347,7 @@ fn full_disk_fails_the_snapshot_not_the_vm() {
         }
     }
     // With room again, a later snapshot works.
-    let st = Command::new("mount")
-        .args(["-o", "remount,size=512M"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    resize_tmpfs(&root, "512M");
     let (id, _) = take(&vm, "after-full");
     assert_eq!(vm.tree()["snapshots"][0]["id"], id);
 }
