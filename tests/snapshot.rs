@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use snapvm_tests::{mount_tmpfs, resize_tmpfs, run_with_timeout, TestVm, Unmount};
+use snapvm_tests::{mount_tmpfs, resize_tmpfs, run_with_timeout, snapvm, TestVm, Unmount};
 
 const T: Duration = Duration::from_secs(120);
 
