@@ -282,7 +282,7 @@ fn full_disk_fails_the_merge_not_the_chain() {
     // holds nothing yet, so merging D's layer into it needs room.
     vm.ok(&["pause"]);
     let d = vm.take("D");
-    let mut del = Command::new(snapvm_bin())
+    let del = Command::new(snapvm_bin())
         .args(["snapshot", "delete"])
         .arg(&vm.dir)
         .arg(&d)
@@ -431,6 +431,32 @@ fn kill_9_during_a_live_merge() {
         assert_eq!(ids(&vm.tree()), [a.clone(), b.clone()]);
         recovers(&vm, &exports);
     }
+}
+
+/// A snapshot or apply while a merge runs interrupts the merge (the chain
+/// intact), and the merge continues after it.
+#[test]
+fn snapshot_and_apply_during_a_merge() {
+    let (vm, [a, b, c], exports) = chain(
+        "mergeinterrupt",
+        &[("SNAPVM_TEST_MERGE_DELAY_MS", "200")],
+        false,
+    );
+    vm.ok2(&["snapshot", "delete"], &["--no-wait", &c]);
+    std::thread::sleep(Duration::from_millis(250));
+    let d = vm.take("D-during-merge");
+    assert!(
+        std::fs::read_to_string(vm.dir.join("logs/vmm.log"))
+            .unwrap()
+            .contains("merge interrupted"),
+        "the snapshot interrupted the merge"
+    );
+    vm.apply_and_verify(&b, &[], T);
+    wait_merged(&vm);
+    assert_eq!(ids(&vm.tree()), [a.clone(), b.clone(), d.clone()]);
+    check_layers(&vm, &exports);
+    apply_all(&vm);
+    check_layers(&vm, &exports);
 }
 
 fn kill_9(pid: i64) {
