@@ -459,6 +459,39 @@ fn snapshot_and_apply_during_a_merge() {
     check_layers(&vm, &exports);
 }
 
+/// A retired layer with two layers on it waits (and is shown waiting)
+/// until one of them goes; then it merges.
+#[test]
+fn a_layer_with_two_children_waits_for_one() {
+    let (vm, [a, b, c], _) = chain("mergewait", &[], false);
+    vm.apply_and_verify(&b, &[], T);
+    pause_a_little();
+    let e = vm.take("E");
+    pause_a_little();
+    let exports = Exports::take(&vm, &[&a, &c, &e]);
+    // B's layer has C's and E's layers on it.
+    let out = delete(&vm, &[&b]);
+    assert!(
+        out.contains("merged 0") && out.contains("1 layer(s) wait"),
+        "{out}"
+    );
+    let list = vm.ok2(&["snapshot", "list"], &[]).stdout;
+    assert!(list.contains("waits for a merge"), "{list}");
+    let st = vm.ok(&["status"]).stdout;
+    assert!(st.contains("waiting for a merge"), "{st}");
+    check_layers(&vm, &exports);
+    // Without C, C's layer goes and B's layer merges with E's.
+    let out = delete(&vm, &[&c]);
+    assert!(
+        out.contains("merged 1") && out.contains("removed 1"),
+        "{out}"
+    );
+    assert!(vm.tree().get("retired").is_none());
+    assert_eq!(ids(&vm.tree()), [a.clone(), e.clone()]);
+    check_layers(&vm, &exports);
+    apply_all(&vm);
+}
+
 fn kill_9(pid: i64) {
     let st = Command::new("kill")
         .args(["-9", &pid.to_string()])

@@ -403,36 +403,10 @@ impl Disk {
         Ok((held, len.max(1).min(max_len)))
     }
 
-    /// Copies into the top layer the part of `[offset, offset + len)` that
-    /// it does not hold itself, reading it through the backing chain (or
-    /// writing zeroes where `zero`). What the top holds already is newer
-    /// and stays. Returns the bytes copied.
-    pub fn pull_up(&self, offset: u64, len: u64, zero: bool) -> io::Result<u64> {
-        let mut copied = 0;
-        let mut at = offset;
-        let end = offset + len;
-        let mut buf = Vec::new();
-        while at < end {
-            let (held, n) = self.top_extent(at, end - at)?;
-            if held == Held::Below {
-                if zero {
-                    self.write_zeroes(at, n)?;
-                } else {
-                    buf.resize(n as usize, 0);
-                    self.read_at(&mut buf, at)?;
-                    self.write_at(&buf, at)?;
-                }
-                copied += n;
-            }
-            at += n;
-        }
-        Ok(copied)
-    }
-
-    /// Like [`Disk::pull_up`] with the data already read (from the backing
-    /// layer that holds it): writes the parts of `buf` (placed at
-    /// `offset`) that the top layer does not hold itself, or zeroes there
-    /// where `zero`. Returns the bytes written.
+    /// Merge step: writes the parts of `buf` (data of the backing layer
+    /// placed at `offset`) that the top layer does not hold itself, or
+    /// zeroes there where `zero`. What the top holds already is newer and
+    /// stays. Returns the bytes written.
     pub fn fill_below(&self, buf: &[u8], offset: u64, zero: bool) -> io::Result<u64> {
         let mut copied = 0;
         let mut at = offset;
@@ -575,24 +549,7 @@ pub fn relative_path(target: &Path, from: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
-    struct Tmp(PathBuf);
-    impl Tmp {
-        fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "snapvm-disk-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::Tmp;
 
     #[test]
     fn chain_reads_through_and_writes_only_the_top() {

@@ -18,6 +18,32 @@ pub mod write_protect;
 /// Test helpers shared by this crate's unit tests.
 #[cfg(test)]
 pub(crate) mod test_util {
+    use std::path::PathBuf;
+
+    /// A scratch directory, removed on drop.
+    pub struct Tmp(pub PathBuf);
+
+    impl Tmp {
+        /// Creates an empty scratch directory named after `tag`, this
+        /// process and this thread.
+        pub fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "snapvm-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// An anonymous private mapping, unmapped on drop.
     pub struct Anon {
         /// Start address.

@@ -200,32 +200,69 @@ pub fn copy_into_parent(
     Ok(done)
 }
 
-/// Copies what `parent` holds and `child` does not into `child`, opened
-/// here (nothing else may write it), like [`copy_into_parent`]. Makes the
-/// child durable before returning.
+/// Copies what `parent` holds into its child `child` piece by piece: each
+/// piece is read from the parent alone, then handed to `fill`, which
+/// writes the parts the child does not hold itself (see
+/// [`Disk::fill_below`]; the child may be open elsewhere, e.g. by a running
+/// VM). `step` as in [`copy_into_parent`].
+pub fn copy_down(
+    parent: &Path,
+    child: &Path,
+    chunk: u64,
+    mut fill: impl FnMut(&[u8], u64, bool) -> io::Result<u64>,
+    mut step: impl FnMut(u64) -> bool,
+) -> Result<u64, MergeError> {
+    let pieces = chunks(&own_extents(parent)?, chunk);
+    let src = Disk::open_alone(parent)?;
+    let mut buf = Vec::new();
+    let mut done = 0;
+    for p in pieces {
+        buf.resize(p.len as usize, 0);
+        if !p.zero {
+            src.read_at(&mut buf, p.offset)
+                .map_err(|source| MergeError::Io {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+        }
+        fill(&buf, p.offset, p.zero).map_err(|source| MergeError::Io {
+            path: child.to_path_buf(),
+            source,
+        })?;
+        done += p.len;
+        if !step(done) {
+            return Err(MergeError::Cancelled);
+        }
+    }
+    Ok(done)
+}
+
+/// [`copy_down`] into `child` opened here (nothing else may write it).
+/// Makes the child durable before returning.
 pub fn copy_into_child(
     parent: &Path,
     child: &Path,
     chunk: u64,
-    mut step: impl FnMut(u64) -> bool,
+    step: impl FnMut(u64) -> bool,
 ) -> Result<u64, MergeError> {
-    let pieces = chunks(&own_extents(parent)?, chunk);
     let dst = Disk::open(child, false)?;
     let io = |source| MergeError::Io {
         path: child.to_path_buf(),
         source,
     };
-    let mut done = 0;
-    for p in pieces {
-        dst.pull_up(p.offset, p.len, p.zero).map_err(io)?;
-        done += p.len;
-        if !step(done) {
-            dst.write_back().map_err(io)?;
-            return Err(MergeError::Cancelled);
-        }
+    let r = copy_down(
+        parent,
+        child,
+        chunk,
+        |b, o, z| dst.fill_below(b, o, z),
+        step,
+    );
+    if r.is_ok() {
+        dst.flush().map_err(io)?;
+    } else {
+        dst.write_back().map_err(io)?;
     }
-    dst.flush().map_err(io)?;
-    Ok(done)
+    r
 }
 
 /// The layers in use and how they are stacked.
@@ -338,20 +375,7 @@ mod tests {
     use super::*;
     use crate::disk::{create_overlay, Disk};
 
-    struct Tmp(PathBuf);
-    impl Tmp {
-        fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("snapvm-merge-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::Tmp;
 
     const MIB: u64 = 1 << 20;
 

@@ -487,24 +487,22 @@ fn serial_len(serial: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// `dd` of `mib` MiB to `dir`, with fdatasync: MiB/s.
-fn dd_mibps(dir: &Path, mib: u64) -> Result<f64, BenchError> {
+/// Runs `dd bs=1M conv=fdatasync` from `input` to a scratch file in `dir`
+/// (`count` blocks, or all of `input`); returns MiB/s over `mib`.
+fn dd(input: &Path, dir: &Path, count: Option<u64>, mib: u64) -> Result<f64, BenchError> {
     let target = dir.join("dd.bin");
-    let t0 = Instant::now();
-    let st = Command::new("dd")
-        .arg("if=/dev/zero")
+    let mut cmd = Command::new("dd");
+    cmd.arg(format!("if={}", input.display()))
         .arg(format!("of={}", target.display()))
-        .args([
-            "bs=1M",
-            &format!("count={mib}"),
-            "conv=fdatasync",
-            "status=none",
-        ])
-        .status()
-        .map_err(|source| BenchError::Spawn {
-            what: "dd".into(),
-            source,
-        })?;
+        .args(["bs=1M", "conv=fdatasync", "status=none"]);
+    if let Some(n) = count {
+        cmd.arg(format!("count={n}"));
+    }
+    let t0 = Instant::now();
+    let st = cmd.status().map_err(|source| BenchError::Spawn {
+        what: "dd".into(),
+        source,
+    })?;
     let secs = t0.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&target);
     if !st.success() {
@@ -514,6 +512,11 @@ fn dd_mibps(dir: &Path, mib: u64) -> Result<f64, BenchError> {
         });
     }
     Ok(mib as f64 / secs)
+}
+
+/// `dd` of `mib` MiB of zeroes to `dir`, with fdatasync: MiB/s.
+fn dd_mibps(dir: &Path, mib: u64) -> Result<f64, BenchError> {
+    dd(Path::new("/dev/zero"), dir, Some(mib), mib)
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64) {
@@ -851,26 +854,7 @@ fn mem_rates(serial: &Path, from: usize, to: usize) -> Vec<f64> {
 /// `dd` copy of `src` to `dir` (read + write + fdatasync, what a merge
 /// does): MiB/s over `mib`.
 fn dd_copy_mibps(src: &Path, dir: &Path, mib: u64) -> Result<f64, BenchError> {
-    let target = dir.join("dd-copy.bin");
-    let t0 = Instant::now();
-    let st = Command::new("dd")
-        .arg(format!("if={}", src.display()))
-        .arg(format!("of={}", target.display()))
-        .args(["bs=1M", "conv=fdatasync", "status=none"])
-        .status()
-        .map_err(|source| BenchError::Spawn {
-            what: "dd".into(),
-            source,
-        })?;
-    let secs = t0.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&target);
-    if !st.success() {
-        return Err(BenchError::Guest {
-            what: "dd".into(),
-            message: format!("exited with {st}"),
-        });
-    }
-    Ok(mib as f64 / secs)
+    dd(src, dir, None, mib)
 }
 
 /// Runs `snapvm bench merge` and prints its table: a snapshot whose disk

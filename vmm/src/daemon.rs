@@ -186,6 +186,20 @@ impl Controller {
         self.toml.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Refuses `what` while the VM stops or a snapshot or apply job runs.
+    fn check_idle(&self, what: &str) -> Result<(), ApiError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::Conflict("the VM is stopping".into()));
+        }
+        match self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]) {
+            Some(j) => Err(ApiError::Conflict(format!(
+                "{} job {} is still running; {what} after it ends",
+                j.kind, j.id
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Waits for running jobs (they may read guest memory) to end.
     fn wait_jobs(&self) {
         self.merger.stop();
@@ -348,15 +362,7 @@ impl ApiBackend for Controller {
         save_current: Option<Option<String>>,
         eager: bool,
     ) -> Result<Value, ApiError> {
-        if self.stopping.load(Ordering::SeqCst) {
-            return Err(ApiError::Conflict("the VM is stopping".into()));
-        }
-        if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]) {
-            return Err(ApiError::Conflict(format!(
-                "{} job {} is still running",
-                j.kind, j.id
-            )));
-        }
+        self.check_idle("apply")?;
         // A bad reference is the request's fault: answer it directly.
         snapshot::tree::Tree::load(&crate::snapshots::tree_path(&self.dir))
             .and_then(|t| t.resolve(reference).map(|_| ()))
@@ -414,15 +420,7 @@ impl ApiBackend for Controller {
     }
 
     fn delete_snapshot(&self, reference: &str, subtree: bool) -> Result<Value, ApiError> {
-        if self.stopping.load(Ordering::SeqCst) {
-            return Err(ApiError::Conflict("the VM is stopping".into()));
-        }
-        if let Some(j) = self.jobs.running(&[SNAPSHOT_JOB, APPLY_JOB]) {
-            return Err(ApiError::Conflict(format!(
-                "{} job {} is still running; delete after it ends",
-                j.kind, j.id
-            )));
-        }
+        self.check_idle("delete")?;
         let r = crate::snapshots::delete(&self.dir, reference, subtree).map_err(|e| match e {
             crate::snapshots::SnapshotError::Tree(e @ snapshot::tree::TreeError::NotFound(_)) => {
                 ApiError::NotFound(e.to_string())

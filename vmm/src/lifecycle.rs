@@ -537,12 +537,7 @@ pub fn snapshot_apply(
     reference: &str,
     save_current: Option<String>,
 ) -> Result<(), LifecycleError> {
-    let dir = VmDir::open(root)?;
-    let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
-    let target = tree
-        .resolve(reference)
-        .map_err(SnapshotError::from)?
-        .clone();
+    let (dir, target) = open_snapshot(root, reference)?;
     if is_running(&dir) {
         let body = match save_current {
             None => json!({}),
@@ -767,6 +762,20 @@ fn merge_summary(r: &Value) -> String {
     s
 }
 
+/// The VM directory at `root` and its snapshot `reference`.
+fn open_snapshot(
+    root: &Path,
+    reference: &str,
+) -> Result<(VmDir, snapshot::tree::SnapshotMeta), LifecycleError> {
+    let dir = VmDir::open(root)?;
+    let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
+    let target = tree
+        .resolve(reference)
+        .map_err(SnapshotError::from)?
+        .clone();
+    Ok((dir, target))
+}
+
 /// `snapvm snapshot delete`: removes the snapshot (with `subtree`, its
 /// descendants too) and merges the disk layers it leaves, in the VMM's
 /// background job when the VM runs, here when it is off.
@@ -776,12 +785,7 @@ pub fn snapshot_delete(
     subtree: bool,
     no_wait: bool,
 ) -> Result<(), LifecycleError> {
-    let dir = VmDir::open(root)?;
-    let tree = Tree::load(&crate::snapshots::tree_path(&dir)).map_err(SnapshotError::from)?;
-    let target = tree
-        .resolve(reference)
-        .map_err(SnapshotError::from)?
-        .clone();
+    let (dir, target) = open_snapshot(root, reference)?;
     let say_deleted = |deleted: &[Value]| {
         for d in deleted {
             println!(

@@ -18,7 +18,7 @@ use serde::Serialize;
 use snapshot::atomic_file::sync_dir;
 use snapshot::disk::relative_path;
 use snapshot::merge::{
-    chunks, copy_into_child, copy_into_parent, normalize, own_bytes, own_extents, plan, Action,
+    copy_down, copy_into_child, copy_into_parent, normalize, own_bytes, own_extents, plan, Action,
     Direction, LayerGraph, MergeError, MergeRecord, Phase,
 };
 use snapshot::qcow2_header::{rebacked_header, sync, write_header, write_header_unsynced};
@@ -353,32 +353,13 @@ fn merge_one(
     };
     let copied = match (direction, live_child) {
         (Direction::IntoChild, Some(i)) => {
-            let mut step = step;
-            let mut done = 0;
-            let src = snapshot::disk::Disk::open_alone(parent).map_err(MergeError::from)?;
-            let mut buf = Vec::new();
-            for p in chunks(&own_extents(parent)?, LIVE_PIECE) {
-                buf.resize(p.len as usize, 0);
-                if !p.zero {
-                    src.read_at(&mut buf, p.offset)
-                        .map_err(|source| MergeError::Io {
-                            path: parent.to_path_buf(),
-                            source,
-                        })?;
-                }
-                live[i]
-                    .fill_below(&buf, p.offset, p.zero)
-                    .map_err(|source| MergeError::Io {
-                        path: child.to_path_buf(),
-                        source,
-                    })?;
+            let fill = |b: &[u8], o: u64, z: bool| {
+                let n = live[i].fill_below(b, o, z)?;
                 // Let guest requests that queued behind the piece in.
                 std::thread::sleep(Duration::from_micros(100));
-                done += p.len;
-                if !step(done) {
-                    return Err(MergeError::Cancelled.into());
-                }
-            }
+                Ok(n)
+            };
+            let done = copy_down(parent, child, LIVE_PIECE, fill, step)?;
             use devices::virtio::block::BlockBackend;
             live[i].flush().map_err(io_err("sync", child))?;
             done
