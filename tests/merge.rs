@@ -463,12 +463,12 @@ fn snapshot_and_apply_during_a_merge() {
 /// until one of them goes; then it merges.
 #[test]
 fn a_layer_with_two_children_waits_for_one() {
-    let (vm, [a, b, c], _) = chain("mergewait", &[], false);
+    let (vm, [a, b, c], mut exports) = chain("mergewait", &[], false);
     vm.apply_and_verify(&b, &[], T);
     pause_a_little();
     let e = vm.take("E");
     pause_a_little();
-    let exports = Exports::take(&vm, &[&a, &c, &e]);
+    exports.0.extend(Exports::take(&vm, &[&e]).0);
     // B's layer has C's and E's layers on it.
     let out = delete(&vm, &[&b]);
     assert!(
