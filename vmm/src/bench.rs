@@ -794,7 +794,16 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
                     pass.push(t.elapsed().as_secs_f64() * 1000.0);
                     // Let the background load finish before the next round
                     // (an apply first completes a load still in progress).
-                    std::thread::sleep(Duration::from_millis(500 + mib * 2));
+                    let t = Instant::now();
+                    loop {
+                        std::thread::sleep(Duration::from_millis(100));
+                        let st = crate::api_client::request(&dir.api_socket(), "GET", "/vm", None)
+                            .map_err(|e| err(e.to_string()))?;
+                        if st["memory_load"].is_null() || t.elapsed() > Duration::from_secs(300) {
+                            break;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
                 }
                 rows.push((eager, median(&mut running), median(&mut pass)));
             }

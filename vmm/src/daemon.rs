@@ -265,6 +265,11 @@ impl ApiBackend for Controller {
             "vcpus": toml.vcpus,
             "disks": disk_status(&self.dir, &toml),
             "merges": merge_status(&self.dir, self.jobs.running(&[MERGE_JOB])),
+            // Memory still arriving after an apply (instant revert); null
+            // when complete, or while a job holds the VM.
+            "memory_load": self.vm.try_lock().ok().and_then(|vm| vm.memory_load()).map(
+                |(done, total)| json!({ "chunks_loaded": done, "chunks": total })
+            ),
         })
     }
 

@@ -481,6 +481,7 @@ pub struct PreparedRestore {
     pub state: Option<MachineState>,
     /// Its memory.bin.
     pub memory: PathBuf,
+    config: VmToml,
     previous_toml: VmToml,
     previous_tree: Tree,
     new_layers: Vec<PathBuf>,
@@ -491,6 +492,19 @@ pub struct PreparedRestore {
 /// under it. state.bin and memory.bin's header are checked first, so a
 /// corrupt snapshot changes nothing. Undo with [`PreparedRestore::rollback`].
 pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, SnapshotError> {
+    let prepared = load_restore(dir, reference)?;
+    if let Err(e) = prepared.commit(dir) {
+        prepared.rollback(dir);
+        return Err(e);
+    }
+    Ok(prepared)
+}
+
+/// The reading half of [`prepare_restore`]: checks the snapshot's files,
+/// loads its state and creates the new working layers, but records
+/// nothing yet ([`PreparedRestore::commit`] does, so that an apply can
+/// write the metadata while it replaces the VM's state).
+pub fn load_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, SnapshotError> {
     let tp = tree_path(dir);
     let tree = Tree::load(&tp)?;
     let snap = tree.resolve(reference)?.clone();
@@ -529,24 +543,11 @@ pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, 
         new_layers.push(new);
     }
     snap_toml.name = previous_toml.name.clone();
-    dir.save(&snap_toml)?;
-    let id = snap.id.clone();
-    // The working layers being replaced are discarded (or, with
-    // --save-current, frozen by a snapshot, which keeps them in use).
-    let discarded: Vec<PathBuf> = previous_toml
-        .disks
-        .iter()
-        .map(|d| d.current.clone())
-        .collect();
-    Tree::update(&tp, |t| {
-        t.now = Some(id);
-        t.retired.extend(discarded);
-        Ok(())
-    })?;
     Ok(PreparedRestore {
         snapshot: snap,
         state,
         memory,
+        config: snap_toml,
         previous_toml,
         previous_tree: tree,
         new_layers,
@@ -554,6 +555,27 @@ pub fn prepare_restore(dir: &VmDir, reference: &str) -> Result<PreparedRestore, 
 }
 
 impl PreparedRestore {
+    /// Records the restore durably: vm.toml names the new working layers,
+    /// "Now" hangs under the snapshot, and the working layers being
+    /// replaced are retired (discarded; with --save-current they are
+    /// frozen by a snapshot, which keeps them in use).
+    pub fn commit(&self, dir: &VmDir) -> Result<(), SnapshotError> {
+        dir.save(&self.config)?;
+        let id = self.snapshot.id.clone();
+        let discarded: Vec<PathBuf> = self
+            .previous_toml
+            .disks
+            .iter()
+            .map(|d| d.current.clone())
+            .collect();
+        Tree::update(&tree_path(dir), |t| {
+            t.now = Some(id);
+            t.retired.extend(discarded);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// The new working layers, in disk order.
     pub fn new_layers(&self) -> &[PathBuf] {
         &self.new_layers
@@ -740,13 +762,20 @@ pub fn apply_live(
     } else {
         t0
     };
-    let mut prepared = prepare_restore(dir, &target.id)?;
+    let mut prepared = load_restore(dir, &target.id)?;
     let vmg = vm.lock().unwrap_or_else(|e| e.into_inner());
     if running {
         vmg.pause();
     }
     let Some(state) = prepared.state.take() else {
         // Powered off: disks and configuration are set; the VM goes off.
+        if let Err(e) = prepared.commit(dir) {
+            prepared.rollback(dir);
+            if running {
+                vmg.resume();
+            }
+            return Err(e);
+        }
         *toml.lock().unwrap_or_else(|e| e.into_inner()) = dir.load()?;
         return Ok(ApplyResult {
             applied: prepared.snapshot.clone(),
@@ -755,10 +784,29 @@ pub fn apply_live(
             apply_ms: t0.elapsed().as_millis() as u64,
         });
     };
-    if let Err(e) = vmg.apply(state, &prepared.memory, prepared.new_layers(), eager) {
+    // The metadata is written (fsyncs) while the VM's state is replaced.
+    let (applied, committed) = std::thread::scope(|s| {
+        let commit = s.spawn(|| prepared.commit(dir));
+        let applied = vmg.apply(state, &prepared.memory, prepared.new_layers(), eager);
+        (applied, commit.join())
+    });
+    let committed = committed.unwrap_or_else(|_| {
+        Err(SnapshotError::Io {
+            what: "cannot record the apply in",
+            path: tree_path(dir),
+            source: std::io::Error::other("the metadata writer panicked"),
+        })
+    });
+    if let Err(e) = applied {
         // The VM's state may be half replaced: keep it paused, say so.
         prepared.rollback(dir);
         return Err(e.into());
+    }
+    if let Err(e) = committed {
+        // The VM already runs on the new layers: they stay. It stays
+        // paused; vm.toml and the tree may still name the previous state.
+        tracing::error!("applied snapshot {} but could not record it: {e}", target.id);
+        return Err(e);
     }
     *toml.lock().unwrap_or_else(|e| e.into_inner()) = dir.load()?;
     let power = prepared.snapshot.power_state;

@@ -755,6 +755,12 @@ impl Vm {
         Ok(())
     }
 
+    /// A lazy memory load still in progress: (2 MiB chunks loaded, in all).
+    pub fn memory_load(&self) -> Option<(u64, u64)> {
+        let l = self.lazy.lock().unwrap_or_else(|e| e.into_inner());
+        l.as_ref().filter(|l| !l.finished()).map(|l| l.progress())
+    }
+
     /// The disks' backends, in disk order (for merges).
     pub fn disk_backends(&self) -> Vec<Arc<DiskBackend>> {
         self.disk_backends.clone()
