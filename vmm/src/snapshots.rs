@@ -805,7 +805,10 @@ pub fn apply_live(
     if let Err(e) = committed {
         // The VM already runs on the new layers: they stay. It stays
         // paused; vm.toml and the tree may still name the previous state.
-        tracing::error!("applied snapshot {} but could not record it: {e}", target.id);
+        tracing::error!(
+            "applied snapshot {} but could not record it: {e}",
+            target.id
+        );
         return Err(e);
     }
     *toml.lock().unwrap_or_else(|e| e.into_inner()) = dir.load()?;
