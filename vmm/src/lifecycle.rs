@@ -290,6 +290,14 @@ pub fn format_status(v: &Value) -> String {
             s += &format!("    {}  ({role})\n", l.as_str().unwrap_or("?"));
         }
     }
+    if let Some(l) = v["memory_load"].as_object() {
+        let n = |k: &str| l.get(k).and_then(Value::as_u64).unwrap_or(0) * 2;
+        s += &format!(
+            "  memory still loading after an apply: {} of {} MiB\n",
+            n("chunks_loaded"),
+            n("chunks")
+        );
+    }
     let m = &v["merges"];
     if let Some(j) = m["job"].as_object() {
         let (done, total) = (
