@@ -219,6 +219,15 @@ fn snapshot_and_apply_during_a_lazy_load() {
     vm.ok2(&["snapshot", "apply"], &[&b]);
     vm.ok2(&["snapshot", "apply"], &[&a]);
     vm.ok2(&["snapshot", "apply"], &[&c]);
+    // The load runs on in the background and status says so until done.
+    let deadline = std::time::Instant::now() + T;
+    while !vm.status()["memory_load"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the memory load never completed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mark = vm.serial().len();
     vm.wait_serial(mark, "workload=diskstamp gen=", 1, T);
     vm.wait_serial(mark, "vcpu=2 gen=", 2, T);
