@@ -711,6 +711,28 @@ fn run_job(
     let job = crate::api_client::request(&dir.api_socket(), "POST", path, Some(&body))
         .map_err(|e| berr(e.to_string()))?;
     let id = job["job"].as_str().unwrap_or_default().to_string();
+    wait_for_job(dir, &id, path)
+}
+
+/// Takes a live snapshot through the API; returns its id.
+fn snapshot_id(dir: &crate::vmdir::VmDir) -> Result<String, BenchError> {
+    let snap = run_job(dir, "/snapshots", serde_json::json!({}))?;
+    Ok(snap["snapshot"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Polls job `id` until it ends; its result, or its error as `what`'s.
+fn wait_for_job(
+    dir: &crate::vmdir::VmDir,
+    id: &str,
+    what: &str,
+) -> Result<serde_json::Value, BenchError> {
+    let berr = |e: String| BenchError::Guest {
+        what: format!("job {what}"),
+        message: e,
+    };
     loop {
         let j = crate::api_client::request(&dir.api_socket(), "GET", &format!("/jobs/{id}"), None)
             .map_err(|e| berr(e.to_string()))?;
@@ -764,11 +786,7 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let snap = run_job(&dir, "/snapshots", serde_json::json!({}))?;
-            let id = snap["snapshot"]["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let id = snapshot_id(&dir)?;
             let mut rows = Vec::new();
             for eager in [false, true] {
                 let (mut running, mut pass) = (Vec::new(), Vec::new());
@@ -952,11 +970,7 @@ pub fn merge(b: &MergeBench) -> Result<(), BenchError> {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let snap = run_job(&dir, "/snapshots", serde_json::json!({}))?;
-            let id = snap["snapshot"]["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let id = snapshot_id(&dir)?;
             let dd = dd_copy_mibps(&layer, &root, mib)?;
             let mark = serial_len(&serial);
             std::thread::sleep(Duration::from_secs(3));
@@ -974,22 +988,7 @@ pub fn merge(b: &MergeBench) -> Result<(), BenchError> {
             )
             .map_err(|e| berr(e.to_string()))?;
             let job = r["job"].as_str().unwrap_or_default().to_string();
-            let result = loop {
-                let j = crate::api_client::request(
-                    &dir.api_socket(),
-                    "GET",
-                    &format!("/jobs/{job}"),
-                    None,
-                )
-                .map_err(|e| berr(e.to_string()))?;
-                match j["state"].as_str() {
-                    Some("succeeded") => break j["result"].clone(),
-                    Some("failed") => {
-                        return Err(berr(j["error"].as_str().unwrap_or("failed").to_string()))
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(5)),
-                }
-            };
+            let result = wait_for_job(&dir, &job, "merge")?;
             let m1 = serial_len(&serial);
             let (mut disk_during, mut mem_during) =
                 (disk_rates(&serial, m0, m1), mem_rates(&serial, m0, m1));
