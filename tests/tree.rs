@@ -235,3 +235,53 @@ fn snapshot_and_apply_during_a_lazy_load() {
     let log = std::fs::read_to_string(vm.dir.join("logs/vmm.log")).unwrap();
     assert!(log.contains("lazy memory load complete"), "{log}");
 }
+
+/// A chunk of memory.bin that fails its checksum while memory loads lazily
+/// after an apply stops the VM with the reason, rather than letting the
+/// guest run on wrong memory.
+#[test]
+fn corrupt_memory_found_during_a_lazy_load_stops_the_vm() {
+    let vm = TestVm::create(
+        "lazycorrupt",
+        "workload=memstamp mem_mib=32 passes=0 rate=50",
+        "128M",
+        2,
+        0,
+    );
+    vm.ok(&["start"]);
+    vm.wait_serial(0, "TESTGUEST PASS", 1, T);
+    let a = take(&vm, "A");
+    // 100 MiB in: past what the guest uses, so the prefetch finds it.
+    let mem = vm.dir.join("snapshots").join(&a).join("memory.bin");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&mem)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 100 << 20).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], 100 << 20).unwrap();
+    }
+    // The apply itself may finish before the load reaches the chunk.
+    let _ = vm.cli2(&["snapshot", "apply"], &[&a]);
+    let deadline = std::time::Instant::now() + T;
+    while vm.status()["state"] != "stopped" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM kept running on corrupt memory"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outcome = vm.status()["last_exit"]["outcome"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        outcome.contains("could not be loaded")
+            && outcome.contains("memory.bin")
+            && outcome.contains("checksum mismatch"),
+        "{outcome}"
+    );
+}

@@ -36,6 +36,7 @@ struct Shared {
     loaded: Mutex<Vec<bool>>,
     done_chunks: AtomicU64,
     error: Mutex<Option<String>>,
+    on_error: Box<dyn Fn(&str) + Send + Sync>,
     stop: AtomicBool,
     finished: Mutex<bool>,
     finished_cv: Condvar,
@@ -101,8 +102,22 @@ impl Shared {
         }
         if let Err(e) = self.load(i, buf) {
             tracing::error!("lazy memory load: {e}");
-            let mut err = self.error.lock().unwrap_or_else(|e| e.into_inner());
-            err.get_or_insert(e);
+            // Release any thread waiting on the chunk (zeroes where
+            // nothing was placed; the caller stops the VM anyway).
+            let (host, _, len) = self.chunks[i];
+            // SAFETY: the chunk lies in guest RAM registered with this
+            // userfaultfd; pages already placed make the call fail, which
+            // changes nothing.
+            let _ = unsafe { self.uffd.zeropage(host as *mut _, len, true) };
+            let first = {
+                let mut err = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                let first = err.is_none();
+                err.get_or_insert(e.clone());
+                first
+            };
+            if first {
+                (self.on_error)(&e);
+            }
         }
         loaded[i] = true;
         self.done_chunks.fetch_add(1, Ordering::AcqRel);
@@ -257,11 +272,14 @@ impl LazyLoader {
     /// Drops the current content of `regions` and starts filling them from
     /// `file` on demand. `wp` (the regions' write-protect registration) is
     /// suspended until the load completes. The caller keeps the guest from
-    /// running until this returns.
+    /// running until this returns. `on_error` is called (from the loader
+    /// thread) with the first chunk that cannot be loaded, e.g. one that
+    /// fails its checksum; that chunk reads as zeroes.
     pub fn start(
         regions: &[GuestRegion],
         file: MemoryFile,
         wp: Arc<WriteProtector>,
+        on_error: Box<dyn Fn(&str) + Send + Sync>,
     ) -> Result<Self, LazyError> {
         let err = |e: String| LazyError::Uffd(e);
         let uffd = UffdBuilder::new()
@@ -300,6 +318,7 @@ impl LazyLoader {
             loaded: Mutex::new(vec![false; n]),
             done_chunks: AtomicU64::new(0),
             error: Mutex::new(None),
+            on_error,
             stop: AtomicBool::new(false),
             finished: Mutex::new(false),
             finished_cv: Condvar::new(),
@@ -395,8 +414,13 @@ mod tests {
             host: mem.addr,
             len,
         }];
-        let loader =
-            LazyLoader::start(&regions, MemoryFile::open(&path).unwrap(), wp.clone()).unwrap();
+        let loader = LazyLoader::start(
+            &regions,
+            MemoryFile::open(&path).unwrap(),
+            wp.clone(),
+            Box::new(|e| panic!("{e}")),
+        )
+        .unwrap();
         // Another thread touches memory at once (like a vCPU).
         let addr = mem.addr;
         let reader = std::thread::spawn(move || {

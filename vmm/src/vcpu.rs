@@ -99,6 +99,9 @@ pub enum VcpuFailure {
         /// Description of the exit.
         exit: String,
     },
+    /// Guest memory could not be loaded from a snapshot after an apply
+    /// (not a vCPU's fault, but it stops the VM the same way).
+    MemoryLoad(String),
 }
 
 impl std::fmt::Display for VcpuFailure {
@@ -122,6 +125,10 @@ impl std::fmt::Display for VcpuFailure {
                 }
                 write!(f, "; internal error suberror {suberror})")
             }
+            VcpuFailure::MemoryLoad(message) => write!(
+                f,
+                "the applied snapshot's memory could not be loaded ({message}); the VM was stopped rather than run on wrong memory"
+            ),
             VcpuFailure::Internal { vcpu, suberror } => {
                 write!(f, "vCPU {vcpu}: KVM internal error, suberror {suberror}")
             }
@@ -463,7 +470,8 @@ pub struct StopSink {
 }
 
 impl StopSink {
-    fn fail(&self, f: VcpuFailure) {
+    /// Records the first failure and asks the VMM to stop the VM.
+    pub fn fail(&self, f: VcpuFailure) {
         tracing::debug!("{f}");
         let mut g = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {

@@ -706,10 +706,19 @@ impl Vm {
         // lazily: pages come from memory.bin when touched, the rest in the
         // background (instant revert).
         self.finish_lazy_load()?;
+        // A chunk that fails its checksum (or cannot be placed) stops the VM
+        // with the reason rather than letting it run on wrong memory.
+        let sink = self.sink.clone();
+        let memory_path = memory.display().to_string();
         let loader = LazyLoader::start(
             self.tracker.regions(),
             file,
             self.tracker.write_protector().clone(),
+            Box::new(move |e| {
+                sink.fail(crate::vcpu::VcpuFailure::MemoryLoad(format!(
+                    "{memory_path}: {e}"
+                )))
+            }),
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()))?;
         *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(loader);
