@@ -171,36 +171,26 @@ impl Shared {
         // huge pages (as the guest RAM was before the apply) while the guest
         // runs: with 4 KiB host pages, KVM's next teardown of the guest's
         // mappings (the next apply's vCPU state load) costs ~75 ms per GiB
-        // here instead of ~1 ms. One 2 MiB chunk at a time, so that a
-        // snapshot or apply that needs the load finished (`stop`) skips
-        // the rest; best effort: a chunk the kernel cannot collapse now
-        // (EAGAIN: pages in use) is tried once more, then left as it is.
-        // Nothing else maps guest RAM meanwhile: a new apply first waits
-        // for this thread.
+        // here instead of ~1 ms. Best effort: a range the kernel cannot
+        // collapse now (EAGAIN, e.g. pages in use) is tried once more, then
+        // left to khugepaged.
         let t = Instant::now();
-        let mut collapsed = 0;
-        for &(host, _, len) in &self.chunks {
-            if self.stop.load(Ordering::Acquire) {
-                break;
-            }
-            for _ in 0..2 {
+        for r in &self.regions {
+            for attempt in 0..2 {
                 // SAFETY: advisory on guest RAM, which stays mapped; the
-                // kernel copies pages into a huge page under its own locks.
-                let rc = unsafe { libc::madvise(host as *mut _, len, libc::MADV_COLLAPSE) };
+                // kernel copies pages into huge pages under its own locks.
+                let rc = unsafe { libc::madvise(r.host as *mut _, r.len, libc::MADV_COLLAPSE) };
                 if rc == 0 {
-                    collapsed += 1;
                     break;
                 }
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+                let e = std::io::Error::last_os_error();
+                if attempt == 1 || e.raw_os_error() != Some(libc::EAGAIN) {
+                    tracing::debug!("lazy load: huge pages for {:#x}+{:#x}: {e}", r.host, r.len);
                     break;
                 }
             }
         }
-        tracing::debug!(
-            "lazy load: {collapsed} of {} chunks back in huge pages in {:?}",
-            self.chunks.len(),
-            t.elapsed()
-        );
+        tracing::debug!("lazy load: huge pages restored in {:?}", t.elapsed());
         if let Err(e) = wp.reregister() {
             tracing::error!("lazy load: cannot re-enable write tracking: {e}");
             self.error
