@@ -167,30 +167,6 @@ impl Shared {
                 tracing::error!("lazy load: cannot unregister {:#x}: {e}", r.host);
             }
         }
-        // UFFDIO_COPY filled the memory with 4 KiB pages. Put it back into
-        // huge pages (as the guest RAM was before the apply) while the guest
-        // runs: with 4 KiB host pages, KVM's next teardown of the guest's
-        // mappings (the next apply's vCPU state load) costs ~75 ms per GiB
-        // here instead of ~1 ms. Best effort: a range the kernel cannot
-        // collapse now (EAGAIN, e.g. pages in use) is tried once more, then
-        // left to khugepaged.
-        let t = Instant::now();
-        for r in &self.regions {
-            for attempt in 0..2 {
-                // SAFETY: advisory on guest RAM, which stays mapped; the
-                // kernel copies pages into huge pages under its own locks.
-                let rc = unsafe { libc::madvise(r.host as *mut _, r.len, libc::MADV_COLLAPSE) };
-                if rc == 0 {
-                    break;
-                }
-                let e = std::io::Error::last_os_error();
-                if attempt == 1 || e.raw_os_error() != Some(libc::EAGAIN) {
-                    tracing::debug!("lazy load: huge pages for {:#x}+{:#x}: {e}", r.host, r.len);
-                    break;
-                }
-            }
-        }
-        tracing::debug!("lazy load: huge pages restored in {:?}", t.elapsed());
         if let Err(e) = wp.reregister() {
             tracing::error!("lazy load: cannot re-enable write tracking: {e}");
             self.error
