@@ -698,19 +698,21 @@ impl Vm {
         // Check the memory file before anything is touched.
         let file = MemoryFile::open(memory)?;
         file.check_layout(&regions)?;
-        let dev = |what| move |source| VmError::Device { what, source };
         for t in &self.transports {
             t.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
         }
-        // A previous apply's load completes first; then memory is replaced
-        // lazily: pages come from memory.bin when touched, the rest in the
-        // background (instant revert).
-        self.finish_lazy_load()?;
+        // A previous apply's load still running is dropped (its memory is
+        // replaced next); then memory is replaced lazily: pages come from
+        // memory.bin when touched, the rest in the background (instant
+        // revert).
+        if let Some(l) = self.lazy.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            l.abandon();
+        }
         // A chunk that fails its checksum (or cannot be placed) stops the VM
         // with the reason rather than letting it run on wrong memory.
         let sink = self.sink.clone();
         let memory_path = memory.display().to_string();
-        let loader = LazyLoader::start(
+        let mut loader = LazyLoader::start(
             self.tracker.regions(),
             file,
             self.tracker.write_protector().clone(),
@@ -721,11 +723,25 @@ impl Vm {
             }),
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()))?;
-        *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(loader);
         if eager {
             // The baseline of `snapvm bench apply`: all memory before resuming.
-            self.finish_lazy_load()?;
+            loader.free_old_memory();
+            loader
+                .finish()
+                .map_err(|e| VmError::StateMismatch(format!("memory load failed: {e}")))?;
+        } else {
+            self.restore_machine(state, disks)?;
+            loader.free_old_memory();
+            *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(loader);
+            return Ok(());
         }
+        self.restore_machine(state, disks)
+    }
+
+    /// Loads vCPU, VM and device state and switches the disks (the second
+    /// half of [`Vm::apply`]).
+    fn restore_machine(&self, state: MachineState, disks: &[PathBuf]) -> Result<(), VmError> {
+        let dev = |what| move |source| VmError::Device { what, source };
         let MachineState {
             vcpus,
             vm,
