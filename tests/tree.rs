@@ -285,3 +285,50 @@ fn corrupt_memory_found_during_a_lazy_load_stops_the_vm() {
         "{outcome}"
     );
 }
+
+#[test]
+fn an_apply_that_fails_midway_stops_the_vm_instead_of_resuming_it() {
+    let vm = TestVm::create("applyfail", LAB, "128M", 2, 64);
+    vm.ok(&["start"]);
+    vm.wait_serial(0, "workload=diskstamp gen=", 1, T);
+    let a = take(&vm, "A");
+    let b = take(&vm, "B");
+    // B's vCPU 1 gets a CR0 with paging on and protection off, which KVM
+    // refuses; the file stays well-formed (its checksum is redone), so the
+    // apply only fails once it is loading vCPU state, after guest memory
+    // was replaced.
+    let state = vm.dir.join("snapshots").join(&b).join("state.bin");
+    let mut v: Value = snapshot::state_file::read(&state).unwrap();
+    const CR0_OFFSET: usize = 8 * 24 + 2 * 16; // kvm_sregs: 8 segments, 2 tables
+    let cr0 = &mut v["vcpus"][1]["sregs"][CR0_OFFSET];
+    let bit0 = cr0.as_u64().unwrap();
+    assert_eq!(bit0 & 1, 1, "the guest runs in protected mode");
+    *cr0 = Value::from(bit0 & !1);
+    snapshot::state_file::write(&state, &v).unwrap();
+
+    let r = vm.cli2(&["snapshot", "apply"], &[&b]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("special registers"), "{r:?}");
+    let deadline = std::time::Instant::now() + T;
+    while vm.status()["state"] != "stopped" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM was left to resume on a half-applied state: {}",
+            vm.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outcome = vm.status()["last_exit"]["outcome"].to_string();
+    assert!(
+        outcome.contains("stopped rather than resumed on a mix of two states")
+            && outcome.contains("special registers"),
+        "{outcome}"
+    );
+    // Nothing else is lost: "Now" still hangs under the snapshot it was
+    // last at, and a good snapshot applies and verifies.
+    assert_eq!(vm.tree()["now"], b);
+    let mark = vm.serial().len();
+    vm.ok2(&["snapshot", "apply"], &[&a]);
+    let out = vm.wait_serial(mark, "workload=diskstamp gen=", 2, T);
+    assert!(!out.contains("FAIL"), "{out}");
+}

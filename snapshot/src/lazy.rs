@@ -164,6 +164,8 @@ struct Shared {
     error: Mutex<Option<String>>,
     on_error: Box<dyn Fn(&str) + Send + Sync>,
     stop: AtomicBool,
+    /// Whether the background prefetch may run (faults are always served).
+    prefetch: AtomicBool,
     /// Stop without loading the rest (the memory is about to be replaced).
     abandon: AtomicBool,
     finished: Mutex<bool>,
@@ -296,7 +298,8 @@ impl Shared {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            let timeout = if next < self.chunks.len() { 0 } else { 100 };
+            let prefetching = self.prefetch.load(Ordering::Acquire);
+            let timeout = if prefetching { 0 } else { 5 };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, timeout) };
             while let Ok(Some(ev)) = self.uffd.read_event() {
@@ -311,6 +314,9 @@ impl Shared {
             }
             if self.stop.load(Ordering::Acquire) {
                 break;
+            }
+            if !prefetching {
+                continue;
             }
             if next < self.chunks.len() {
                 self.ensure(next, false, &mut staging);
@@ -424,7 +430,8 @@ impl LazyLoader {
     /// Drops the current content of `regions` and starts filling them from
     /// `file` on demand. `wp` (the regions' write-protect registration) is
     /// suspended until the load completes. The caller keeps the guest from
-    /// running until this returns. `on_error` is called (from the loader
+    /// running until this returns. Only faults are served until
+    /// [`LazyLoader::start_prefetch`]. `on_error` is called (from the loader
     /// thread) with the first chunk that cannot be loaded, e.g. one that
     /// fails its checksum; that chunk reads as zeroes.
     pub fn start(
@@ -485,6 +492,7 @@ impl LazyLoader {
             error: Mutex::new(None),
             on_error,
             stop: AtomicBool::new(false),
+            prefetch: AtomicBool::new(false),
             abandon: AtomicBool::new(false),
             finished: Mutex::new(false),
             finished_cv: Condvar::new(),
@@ -500,6 +508,14 @@ impl LazyLoader {
             started: Instant::now(),
             old,
         })
+    }
+
+    /// Lets the background prefetch begin (until then only faults are
+    /// served). An apply calls it once the vCPU state is loaded, so the
+    /// pages that load touches (KVM maps the kvmclock page) never wait
+    /// behind a prefetched chunk.
+    pub fn start_prefetch(&self) {
+        self.shared.prefetch.store(true, Ordering::Release);
     }
 
     /// Frees the memory this load replaced, on a background thread. Call
@@ -609,6 +625,7 @@ mod tests {
             Box::new(|e| panic!("{e}")),
         )
         .unwrap();
+        loader.start_prefetch();
         // Another thread touches memory at once (like a vCPU).
         let addr = mem.addr;
         let reader = std::thread::spawn(move || {
@@ -696,6 +713,7 @@ mod tests {
         // SAFETY: inside the mapping; old content that must disappear.
         unsafe { std::ptr::write_bytes(addr as *mut u8, 0xee, len) };
         let loader = start_load(addr, len, &path);
+        loader.start_prefetch();
         // Like a vCPU: reads a chunk of zeroes and writes into another,
         // while the prefetch may or may not have passed them.
         let w = std::thread::spawn(move || {

@@ -763,6 +763,11 @@ pub fn apply_live(
         t0
     };
     let mut prepared = load_restore(dir, &target.id)?;
+    tracing::debug!(
+        "apply: snapshot {} read and working layers created in {} us",
+        target.id,
+        t0.elapsed().as_micros()
+    );
     let vmg = vm.lock().unwrap_or_else(|e| e.into_inner());
     if running {
         vmg.pause();

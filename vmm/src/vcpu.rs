@@ -102,6 +102,8 @@ pub enum VcpuFailure {
     /// Guest memory could not be loaded from a snapshot after an apply
     /// (not a vCPU's fault, but it stops the VM the same way).
     MemoryLoad(String),
+    /// An apply failed after it had begun replacing the VM's state.
+    ApplyFailed(String),
 }
 
 impl std::fmt::Display for VcpuFailure {
@@ -128,6 +130,10 @@ impl std::fmt::Display for VcpuFailure {
             VcpuFailure::MemoryLoad(message) => write!(
                 f,
                 "the applied snapshot's memory could not be loaded ({message}); the VM was stopped rather than run on wrong memory"
+            ),
+            VcpuFailure::ApplyFailed(message) => write!(
+                f,
+                "applying a snapshot failed after it had begun replacing the VM's state ({message}); the VM was stopped rather than resumed on a mix of two states"
             ),
             VcpuFailure::Internal { vcpu, suberror } => {
                 write!(f, "vCPU {vcpu}: KVM internal error, suberror {suberror}")

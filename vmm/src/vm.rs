@@ -698,6 +698,27 @@ impl Vm {
         // Check the memory file before anything is touched.
         let file = MemoryFile::open(memory)?;
         file.check_layout(&regions)?;
+        let replaced = self.replace_state(state, file, memory, disks, eager);
+        if let Err(e) = &replaced {
+            // Part of the VM's state is the snapshot's by now: stop it
+            // rather than let it resume on a mix of two states.
+            self.sink
+                .fail(crate::vcpu::VcpuFailure::ApplyFailed(e.to_string()));
+        }
+        replaced
+    }
+
+    /// The part of [`Vm::apply`] after its checks: from here on, an error
+    /// leaves the VM's state partly replaced.
+    fn replace_state(
+        &self,
+        state: MachineState,
+        file: MemoryFile,
+        memory: &Path,
+        disks: &[PathBuf],
+        eager: bool,
+    ) -> Result<(), VmError> {
+        let started = std::time::Instant::now();
         for t in &self.transports {
             t.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
         }
@@ -730,7 +751,14 @@ impl Vm {
                 .finish()
                 .map_err(|e| VmError::StateMismatch(format!("memory load failed: {e}")))?;
         } else {
+            let replaced = started.elapsed();
             self.restore_machine(state, disks)?;
+            tracing::debug!(
+                "apply: memory replaced after {} us, state loaded after {} us",
+                replaced.as_micros(),
+                started.elapsed().as_micros()
+            );
+            loader.start_prefetch();
             loader.free_old_memory();
             *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(loader);
             return Ok(());
