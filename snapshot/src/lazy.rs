@@ -808,4 +808,42 @@ mod tests {
             "no huge page after the load: {huge_kib} KiB"
         );
     }
+
+    #[test]
+    fn guest_memory_stays_mapped_while_it_is_replaced() {
+        let len = 256 << 20;
+        let (addr, _map) = guest_like(len);
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 1, len) };
+        // Another thread maps and unmaps memory all the time, as malloc
+        // does for a new thread's arena: nothing it gets may lie inside
+        // guest memory.
+        let stop = Arc::new(AtomicBool::new(false));
+        let racer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut inside = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let m = Anon::new(64 << 20);
+                    if m.addr + m.len > addr && m.addr < addr + len {
+                        inside += 1;
+                    }
+                }
+                inside
+            })
+        };
+        for _ in 0..100 {
+            let old = replace_mapping(addr, len).unwrap();
+            assert_eq!(byte(addr + 4096), 0, "fresh memory");
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_bytes(addr as *mut u8, 1, 8 << 20) };
+            drop(old);
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(
+            racer.join().unwrap(),
+            0,
+            "a mapping landed inside guest memory"
+        );
+    }
 }
