@@ -325,6 +325,13 @@ impl TestVm {
         std::fs::read_to_string(self.dir.join("logs/serial.log")).unwrap_or_default()
     }
 
+    /// The last `n` lines of the VMM's log.
+    pub fn vmm_log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("logs/vmm.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Waits until the console shows `count` lines containing `pattern`
     /// after byte offset `from`; panics on a FAIL line or timeout.
     pub fn wait_serial(
@@ -338,7 +345,11 @@ impl TestVm {
         loop {
             let s = self.serial();
             let tail = s.get(from..).unwrap_or("");
-            assert!(!tail.contains("TESTGUEST FAIL"), "guest failed:\n{tail}");
+            assert!(
+                !tail.contains("TESTGUEST FAIL"),
+                "guest failed:\n{tail}\nvmm.log (end):\n{}",
+                self.vmm_log_tail(40)
+            );
             if tail.lines().filter(|l| l.contains(pattern)).count() >= count {
                 return tail.to_string();
             }
@@ -412,8 +423,11 @@ impl TestVm {
 impl Drop for TestVm {
     fn drop(&mut self) {
         let _ = snapvm(&["stop", "--force", self.dir.to_str().unwrap()]);
-        // SNAPVM_KEEP_TEST_DIRS=1 keeps them for a post-mortem.
-        if std::env::var_os("SNAPVM_KEEP_TEST_DIRS").is_none() {
+        // A failed test keeps its VM directory (logs, snapshots) for a
+        // post-mortem; SNAPVM_KEEP_TEST_DIRS=1 keeps every one.
+        if std::thread::panicking() {
+            eprintln!("kept the test VM directory {}", self.root.display());
+        } else if std::env::var_os("SNAPVM_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
     }

@@ -744,6 +744,7 @@ impl Vm {
             }),
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()))?;
+        self.forget_translations()?;
         if eager {
             // The baseline of `snapvm bench apply`: all memory before resuming.
             loader.free_old_memory();
@@ -764,6 +765,35 @@ impl Vm {
             return Ok(());
         }
         self.restore_machine(state, disks)
+    }
+
+    /// Makes KVM drop everything it derived from guest memory, by removing
+    /// the memory slots and adding them back (the vCPUs must be paused). An
+    /// apply replaces all of guest memory, the guest's own page tables
+    /// included. KVM learns of the old pages going (its MMU notifier drops
+    /// its mappings of them), but with shadow paging, as on this software
+    /// backend, it also keeps translations it built from the guest's page
+    /// tables, and it reuses them when the vCPU state it is given has the
+    /// same CR3; removing a slot makes it discard all of them.
+    fn forget_translations(&self) -> Result<(), VmError> {
+        for (slot, region) in self.ram.memory().iter().enumerate() {
+            let mut mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: 0,
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: removes a slot this VM registered; nothing is mapped.
+            unsafe { self.vm_fd.set_user_memory_region(mr) }
+                .map_err(kvm_err("remove guest memory from KVM for an apply"))?;
+            mr.memory_size = region.len();
+            // SAFETY: the same registration as at creation: the host range
+            // belongs to `ram`, which outlives the VM fd.
+            unsafe { self.vm_fd.set_user_memory_region(mr) }
+                .map_err(kvm_err("register guest memory with KVM again"))?;
+        }
+        Ok(())
     }
 
     /// Loads vCPU, VM and device state and switches the disks (the second
