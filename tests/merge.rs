@@ -276,7 +276,10 @@ fn full_disk_fails_the_merge_not_the_chain() {
     assert!(mount_tmpfs(&root, "768M"), "mounting a tmpfs needs root");
     let _guard = Unmount(root.clone());
     let vm = TestVm::create_in(&root, LAB, "128M", 3, 8);
-    let (vm, [a, b, c], exports) = build_chain(vm, &[("SNAPVM_TEST_MERGE_DELAY_MS", "300")], false);
+    // A piece every 1.5 s: the disk is full long before the merge could end
+    // (with 300 ms, a loaded machine once saw the merge finish first).
+    let (vm, [a, b, c], exports) =
+        build_chain(vm, &[("SNAPVM_TEST_MERGE_DELAY_MS", "1500")], false);
     // Paused, so that the guest's own writes do not meet the full disk.
     // D's layer holds what the guest wrote since C; the new working layer
     // holds nothing yet, so merging D's layer into it needs room.
@@ -290,7 +293,7 @@ fn full_disk_fails_the_merge_not_the_chain() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The merge copies a piece every 300 ms: fill the disk meanwhile.
+    // Fill the disk while the merge is between pieces.
     std::thread::sleep(Duration::from_millis(150));
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", "status=none"])
