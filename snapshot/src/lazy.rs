@@ -213,14 +213,16 @@ impl Shared {
         placed.map_err(|e| format!("cannot place memory at {gpa:#x}: {e}"))
     }
 
-    /// Reads chunk `i` (verified) into `staging`; whether it is all zeroes.
-    fn read(&self, i: usize, staging: &mut Staging) -> Result<bool, String> {
+    /// Reads chunk `i` (verified) into `staging`; with `check_zero`,
+    /// whether it is all zeroes (a fault needs the chunk placed anyway, so
+    /// it skips the 2 MiB scan).
+    fn read(&self, i: usize, staging: &mut Staging, check_zero: bool) -> Result<bool, String> {
         let (_, gpa, len) = self.chunks[i];
         let b = staging.buf(len);
         self.file
             .read_verified(i, gpa, b)
             .map_err(|e| e.to_string())?;
-        Ok(b.iter().all(|x| *x == 0))
+        Ok(check_zero && b.iter().all(|x| *x == 0))
     }
 
     /// Brings chunk `i` in. `needed`: a thread waits on it, so even a chunk
@@ -235,8 +237,8 @@ impl Shared {
                 staging.buf(len).fill(0);
                 self.place(staging, host, gpa, len)
             }
-            ChunkState::Pending => match self.read(i, staging) {
-                Ok(true) if !needed => {
+            ChunkState::Pending => match self.read(i, staging, !needed) {
+                Ok(true) => {
                     state[i] = ChunkState::Zero;
                     self.done_chunks.fetch_add(1, Ordering::AcqRel);
                     return;
