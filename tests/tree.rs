@@ -236,6 +236,33 @@ fn snapshot_and_apply_during_a_lazy_load() {
     assert!(log.contains("lazy memory load complete"), "{log}");
 }
 
+/// Round after round: apply, take a snapshot while that apply's memory
+/// still loads, apply the new snapshot as soon as it is written; the guest
+/// verifies memory and disk every time. This is the lab pattern that broke
+/// on the kvm_pvm backend while vCPU threads floated between host CPUs
+/// (about one round in eight: the guest read and wrote pages the apply had
+/// replaced); `SNAPVM_TEST_PIN_VCPUS=off` runs it that way.
+#[test]
+fn snapshots_taken_during_a_lazy_load_apply_and_verify_round_after_round() {
+    let vm = TestVm::create("lazyrounds", LAB, "128M", 3, 8);
+    let pin = std::env::var("SNAPVM_TEST_PIN_VCPUS").unwrap_or_else(|_| "auto".into());
+    let toml = vm.dir.join("vm.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("pin_vcpus = \"{pin}\"\n{text}")).unwrap();
+    vm.ok(&["start"]);
+    vm.wait_serial(0, "workload=diskstamp gen=1", 1, T);
+    let base = take(&vm, "base");
+    for round in 0..10u64 {
+        vm.ok2(&["snapshot", "apply"], &[&base]);
+        // Somewhere in the load (128 MiB take 2-4 s in a debug build).
+        std::thread::sleep(Duration::from_millis(150 * round));
+        let s = take(&vm, &format!("round{round}"));
+        apply_and_verify(&vm, &s, &[]);
+        vm.ok2(&["snapshot", "delete"], &[&s]);
+    }
+    assert_eq!(vm.serial().matches("TESTGUEST FAIL").count(), 0);
+}
+
 /// A chunk of memory.bin that fails its checksum while memory loads lazily
 /// after an apply stops the VM with the reason, rather than letting the
 /// guest run on wrong memory.

@@ -78,6 +78,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Disks, in the order the guest sees them.
     pub disks: Vec<DiskConfig>,
+    /// Whether vCPU threads are pinned to host CPUs.
+    pub pin_vcpus: crate::affinity::PinVcpus,
 }
 
 impl VmConfig {
@@ -159,6 +161,7 @@ mod tests {
             memory: 256 << 20,
             vcpus: 1,
             disks: vec![],
+            pin_vcpus: crate::affinity::PinVcpus::Auto,
         };
         assert_eq!(c.validate(), Ok(()));
         c.memory = 0;

@@ -230,6 +230,12 @@ struct CreateArgs {
     /// Reference kernel, initrd and disks in place instead of copying them.
     #[arg(long)]
     link: bool,
+    /// Pin each vCPU thread to one host CPU (round robin over the CPUs
+    /// snapvm may use). "auto" pins on the kvm_pvm software backend, where
+    /// a vCPU thread moving between CPUs can see stale guest memory after
+    /// an apply; hardware KVM does not need it.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pin_vcpus: vmm::affinity::PinVcpus,
 }
 
 #[derive(Subcommand)]
@@ -363,6 +369,10 @@ struct RunArgs {
     /// command line (virtio_mmio.device=...).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     disks: Vec<String>,
+    /// Pin each vCPU thread to one host CPU: auto (on the kvm_pvm backend,
+    /// which needs it), on or off.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pin_vcpus: vmm::affinity::PinVcpus,
 }
 
 fn init_logging() {
@@ -403,6 +413,7 @@ fn run(args: RunArgs) -> ExitCode {
         memory,
         vcpus,
         disks,
+        pin_vcpus: args.pin_vcpus,
     };
     match vmm::run::run_foreground(&config) {
         Ok(outcome) => {
@@ -475,6 +486,7 @@ fn lifecycle(cmd: Command) -> ExitCode {
                 cmdline: a.cmdline,
                 memory: a.memory,
                 vcpus: a.vcpus,
+                pin_vcpus: a.pin_vcpus,
                 disks,
                 link: a.link,
             };

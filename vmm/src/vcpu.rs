@@ -37,6 +37,19 @@ pub enum VcpuError {
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
+    /// The host CPUs this process may run on could not be read.
+    #[error("cannot read the host CPUs snapvm may run on (for pinning vCPUs): {0}")]
+    Affinity(std::io::Error),
+    /// The vCPU thread could not be pinned to its host CPU.
+    #[error("cannot pin the thread of vCPU {index} to host CPU {cpu}: {source}")]
+    Pin {
+        /// vCPU index.
+        index: u8,
+        /// The host CPU.
+        cpu: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The vCPU thread could not be started.
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread {
@@ -528,16 +541,40 @@ impl VcpuHandle {
 }
 
 /// Starts vCPU `index`'s run loop on a new thread.
-pub fn spawn(index: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+/// Starts the thread of vCPU `index`; with `cpu`, the thread is pinned to
+/// that host CPU before it runs any guest code (see [`crate::affinity`]).
+pub fn spawn(
+    index: u8,
+    fd: VcpuFd,
+    ctx: VcpuContext,
+    cpu: Option<usize>,
+) -> Result<VcpuHandle, VcpuError> {
+    let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
             let mut fd = fd;
-            run_loop(index, &mut fd, &ctx);
+            let pinned = cpu.map_or(Ok(()), crate::affinity::pin_current_thread);
+            let ok = pinned.is_ok();
+            let _ = pinned_tx.send(pinned);
+            if ok {
+                run_loop(index, &mut fd, &ctx);
+            }
             ctx.control.mark_exited();
             fd
         })
         .map_err(|source| VcpuError::Thread { index, source })?;
+    let pinned = pinned_rx
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the vCPU thread ended early")));
+    if let Err(source) = pinned {
+        let _ = thread.join();
+        return Err(VcpuError::Pin {
+            index,
+            cpu: cpu.unwrap_or_default(),
+            source,
+        });
+    }
     Ok(VcpuHandle {
         thread: Some(thread),
     })

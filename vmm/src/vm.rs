@@ -555,7 +555,18 @@ impl Vm {
     }
 
     fn spawn_vcpus(&mut self) -> Result<(), VmError> {
-        for (index, fd) in self.pending_vcpus.drain(..).enumerate() {
+        let cpus = if self.config.pin_vcpus.enabled() {
+            let allowed = crate::affinity::allowed_cpus().map_err(vcpu::VcpuError::Affinity)?;
+            let plan = crate::affinity::plan(self.pending_vcpus.len(), &allowed);
+            tracing::info!(
+                "vCPU threads pinned to host CPUs {plan:?} (pin_vcpus = {})",
+                self.config.pin_vcpus.as_str()
+            );
+            plan.into_iter().map(Some).collect()
+        } else {
+            vec![None; self.pending_vcpus.len()]
+        };
+        for ((index, fd), cpu) in self.pending_vcpus.drain(..).enumerate().zip(cpus) {
             let ctx = VcpuContext {
                 io_bus: self.io_bus.clone(),
                 mmio_bus: self.mmio_bus.clone(),
@@ -564,7 +575,7 @@ impl Vm {
                 sink: self.sink.clone(),
                 msrs: self.msrs.clone(),
             };
-            self.handles.push(vcpu::spawn(index as u8, fd, ctx)?);
+            self.handles.push(vcpu::spawn(index as u8, fd, ctx, cpu)?);
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::affinity::PinVcpus;
 use crate::config::{parse_size, DiskConfig, VmConfig, MAX_DISKS};
 
 /// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).
@@ -101,6 +102,10 @@ pub struct VmToml {
     pub memory: String,
     /// vCPUs.
     pub vcpus: u8,
+    /// Whether vCPU threads are pinned to host CPUs: "auto" (on the
+    /// kvm_pvm backend, which needs it), "on" or "off".
+    #[serde(default)]
+    pub pin_vcpus: PinVcpus,
     /// Disks in guest order.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
@@ -309,6 +314,7 @@ impl VmDir {
             initrd: t.initrd.as_ref().map(|p| self.resolve(p)),
             memory: parse_size(&t.memory).map_err(|e| self.key_err("memory", e.to_string()))?,
             vcpus: t.vcpus,
+            pin_vcpus: t.pin_vcpus,
             disks: t
                 .disks
                 .iter()
@@ -333,6 +339,8 @@ pub struct CreateRequest {
     pub memory: String,
     /// vCPUs.
     pub vcpus: u8,
+    /// vCPU thread pinning.
+    pub pin_vcpus: PinVcpus,
     /// Disks (path, readonly).
     pub disks: Vec<DiskConfig>,
     /// Reference the kernel, initrd and disks in place instead of copying.
@@ -454,6 +462,7 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
         cmdline: req.cmdline.clone(),
         memory: req.memory.clone(),
         vcpus: req.vcpus,
+        pin_vcpus: req.pin_vcpus,
         disks,
     };
     dir.validate(&t)?;
@@ -485,6 +494,7 @@ mod tests {
                 cmdline: "workload=idle".into(),
                 memory: "64M".into(),
                 vcpus: 2,
+                pin_vcpus: PinVcpus::Auto,
                 disks: vec![DiskConfig {
                     path: disk,
                     readonly: false,
