@@ -7,8 +7,9 @@
 //! wrote the *old* pages (its own stores seemed lost, a virtio used ring
 //! read stale). Measured with a stress run that applies, snapshots during
 //! the lazy load and applies that snapshot (3 vCPUs on 2 host CPUs): 2
-//! failures in 16 rounds with floating vCPU threads, none in 90 rounds with
-//! each vCPU thread pinned to one CPU. The VMM cannot flush another CPU's
+//! failures in 17 rounds with floating vCPU threads; none in 50 rounds with
+//! each vCPU thread pinned to one CPU (the other VMM threads floating), nor
+//! in 40 with the whole VMM on one CPU. The VMM cannot flush another CPU's
 //! TLB for the guest, so it keeps each vCPU thread on one CPU instead.
 //!
 //! Hardware KVM does not need this (it flushes when a vCPU moves), so the
