@@ -248,7 +248,11 @@ fn snapshots_taken_during_a_lazy_load_apply_and_verify_round_after_round() {
     let pin = std::env::var("SNAPVM_TEST_PIN_VCPUS").unwrap_or_else(|_| "auto".into());
     let toml = vm.dir.join("vm.toml");
     let text = std::fs::read_to_string(&toml).unwrap();
-    std::fs::write(&toml, format!("pin_vcpus = \"{pin}\"\n{text}")).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace("pin_vcpus = \"auto\"", &format!("pin_vcpus = \"{pin}\"")),
+    )
+    .unwrap();
     vm.ok(&["start"]);
     vm.wait_serial(0, "workload=diskstamp gen=1", 1, T);
     let base = take(&vm, "base");
