@@ -378,7 +378,7 @@ impl Drop for OldMemory {
 /// guest RAM mapping in place, empty; a MAP_FIXED mapping then replaces
 /// that one in a single step, which also frees the page tables the move
 /// left behind (a huge page can only be moved in where there are none).
-fn replace_mapping(host: usize, len: usize) -> std::io::Result<OldMemory> {
+fn replace_mapping(host: usize, len: usize, huge: bool) -> std::io::Result<OldMemory> {
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     // SAFETY: reserves a fresh address range (no access) for the old pages.
     let scratch = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, anon, -1, 0) };
@@ -423,8 +423,13 @@ fn replace_mapping(host: usize, len: usize) -> std::io::Result<OldMemory> {
     if fresh == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
+    let advice = if huge {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
     // SAFETY: advisory, on the range just mapped.
-    unsafe { libc::madvise(host as *mut _, len, libc::MADV_HUGEPAGE) };
+    unsafe { libc::madvise(host as *mut _, len, advice) };
     Ok(old)
 }
 
@@ -435,12 +440,15 @@ impl LazyLoader {
     /// running until this returns. Only faults are served until
     /// [`LazyLoader::start_prefetch`]. `on_error` is called (from the loader
     /// thread) with the first chunk that cannot be loaded, e.g. one that
-    /// fails its checksum; that chunk reads as zeroes.
+    /// fails its checksum; that chunk reads as zeroes. With `huge_pages`
+    /// false, guest RAM stays on 4 KiB pages (chunks are copied in, and the
+    /// fresh memory is advised against huge pages).
     pub fn start(
         regions: &[GuestRegion],
         file: MemoryFile,
         wp: Arc<WriteProtector>,
         on_error: Box<dyn Fn(&str) + Send + Sync>,
+        huge_pages: bool,
     ) -> Result<Self, LazyError> {
         let err = |e: String| LazyError::Uffd(e);
         let builder = |features: u64| {
@@ -452,7 +460,8 @@ impl LazyLoader {
                 .create()
         };
         let (uffd, can_move) = match builder(UFFD_FEATURE_MOVE) {
-            Ok(u) => (u, true),
+            Ok(u) if huge_pages => (u, true),
+            Ok(_) => (builder(0).map_err(|e| err(e.to_string()))?, false),
             Err(e) => {
                 tracing::info!("no UFFDIO_MOVE ({e}); memory is copied in on 4 KiB pages");
                 (builder(0).map_err(|e| err(e.to_string()))?, false)
@@ -463,7 +472,7 @@ impl LazyLoader {
         let mut old = Vec::new();
         for r in regions {
             old.push(
-                replace_mapping(r.host, r.len)
+                replace_mapping(r.host, r.len, huge_pages)
                     .map_err(|e| err(format!("cannot replace guest memory: {e}")))?,
             );
         }
@@ -625,6 +634,7 @@ mod tests {
             MemoryFile::open(&path).unwrap(),
             wp.clone(),
             Box::new(|e| panic!("{e}")),
+            true,
         )
         .unwrap();
         loader.start_prefetch();
@@ -659,6 +669,15 @@ mod tests {
     }
 
     fn start_load(addr: usize, len: usize, file: &std::path::Path) -> LazyLoader {
+        start_load_with(addr, len, file, true)
+    }
+
+    fn start_load_with(
+        addr: usize,
+        len: usize,
+        file: &std::path::Path,
+        huge: bool,
+    ) -> LazyLoader {
         let wp = Arc::new(WriteProtector::new(&[HostRange { addr, len }]).unwrap());
         let regions = [GuestRegion {
             gpa: 0,
@@ -670,8 +689,58 @@ mod tests {
             MemoryFile::open(file).unwrap(),
             wp,
             Box::new(|e| panic!("{e}")),
+            huge,
         )
         .unwrap()
+    }
+
+    /// (AnonHugePages in KiB, VmFlags) of the mapping holding `addr`, from
+    /// /proc/self/smaps.
+    fn smaps_of(addr: usize) -> (usize, String) {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let (mut huge_kib, mut flags) = (None, None);
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = lo <= addr && addr < hi;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                    huge_kib = v.trim().trim_end_matches(" kB").parse::<usize>().ok();
+                }
+                if let Some(v) = line.strip_prefix("VmFlags:") {
+                    flags = Some(v.trim().to_string());
+                }
+            }
+        }
+        (
+            huge_kib.expect("the mapping in smaps"),
+            flags.expect("the mapping's flags in smaps"),
+        )
+    }
+
+    #[test]
+    fn loaded_memory_stays_on_small_pages_when_asked() {
+        let tmp = crate::test_util::Tmp::new("lazy-4k");
+        let len = 8 << 20;
+        let path = memory_file(&tmp, "m.bin", len, |p| (p % 5) as u8 + 1);
+        let (addr, _map) = guest_like(len);
+        let loader = start_load_with(addr, len, &path, false);
+        assert!(!loader.shared.can_move, "small pages are copied in");
+        loader.finish().unwrap();
+        for p in [0, 1, 511, 512, 2047] {
+            assert_eq!(byte(addr + 4096 * p), (p % 5) as u8 + 1, "page {p}");
+        }
+        let (huge_kib, flags) = smaps_of(addr);
+        assert_eq!(huge_kib, 0, "huge pages after a 4 KiB load");
+        assert!(flags.split(' ').any(|f| f == "nh"), "not advised: {flags}");
     }
 
     /// A memory file of `len` bytes whose page `p` holds `f(p)` (0: hole).
@@ -783,28 +852,7 @@ mod tests {
         }
         loader.finish().unwrap();
         assert_eq!(byte(addr + 4096 * 3), 4);
-        // The mapping holding `addr` in /proc/self/smaps.
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        let mut huge_kib = None;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((lo, hi)) = range.split_once('-') {
-                    if let (Ok(lo), Ok(hi)) =
-                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-                    {
-                        inside = lo <= addr && addr < hi;
-                        continue;
-                    }
-                }
-            }
-            if inside {
-                if let Some(v) = line.strip_prefix("AnonHugePages:") {
-                    huge_kib = v.trim().trim_end_matches(" kB").parse::<usize>().ok();
-                }
-            }
-        }
-        let huge_kib = huge_kib.expect("guest-like mapping in smaps");
+        let (huge_kib, _) = smaps_of(addr);
         assert!(
             huge_kib >= 2048,
             "no huge page after the load: {huge_kib} KiB"
@@ -835,7 +883,7 @@ mod tests {
             })
         };
         for _ in 0..100 {
-            let old = replace_mapping(addr, len).unwrap();
+            let old = replace_mapping(addr, len, true).unwrap();
             assert_eq!(byte(addr + 4096), 0, "fresh memory");
             // SAFETY: inside the mapping.
             unsafe { std::ptr::write_bytes(addr as *mut u8, 1, 8 << 20) };

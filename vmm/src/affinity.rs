@@ -64,6 +64,49 @@ impl PinVcpus {
     }
 }
 
+/// Whether guest RAM may use transparent huge pages (vm.toml `huge_pages`).
+///
+/// On `kvm_pvm`, huge host pages under guest RAM were the other half of
+/// the stale-memory problem described above: the same stress with vCPU
+/// threads floating failed 2 rounds in 17 with guest RAM on huge pages and
+/// none in 40 on 4 KiB pages, and a full test-suite run failed the same
+/// way once with vCPUs pinned but huge pages in use. So `auto` keeps guest
+/// RAM on 4 KiB pages there (at a cost: an apply then spends more time in
+/// KVM's teardown of small mappings) and uses huge pages elsewhere.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum HugePages {
+    /// Huge pages except on the `kvm_pvm` software backend.
+    #[default]
+    Auto,
+    /// Transparent huge pages for guest RAM (faster boots and applies).
+    On,
+    /// 4 KiB pages only.
+    Off,
+}
+
+impl HugePages {
+    /// Whether guest RAM uses huge pages on this host.
+    pub fn enabled(self) -> bool {
+        match self {
+            Self::Auto => !backend_needs_pinning(),
+            Self::On => true,
+            Self::Off => false,
+        }
+    }
+
+    /// The value as vm.toml and the command line spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
 /// Whether the loaded KVM backend is `kvm_pvm`.
 pub fn backend_needs_pinning() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()

@@ -549,6 +549,7 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             memory: format!("{}M", mib + 32),
             vcpus: 2,
             pin_vcpus: crate::affinity::PinVcpus::Auto,
+            huge_pages: crate::affinity::HugePages::Auto,
             disks: vec![],
             link: true,
         };
@@ -806,6 +807,7 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
             memory: format!("{}M", mib + 32),
             vcpus: 2,
             pin_vcpus: crate::affinity::PinVcpus::Auto,
+            huge_pages: crate::affinity::HugePages::Auto,
             disks: vec![],
             link: true,
         };
@@ -994,6 +996,7 @@ pub fn merge(b: &MergeBench) -> Result<(), BenchError> {
                 memory: "160M".into(),
                 vcpus: 2,
                 pin_vcpus: crate::affinity::PinVcpus::Auto,
+            huge_pages: crate::affinity::HugePages::Auto,
                 disks: vec![crate::config::DiskConfig {
                     path: base.clone(),
                     readonly: false,

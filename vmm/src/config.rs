@@ -80,6 +80,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Whether vCPU threads are pinned to host CPUs.
     pub pin_vcpus: crate::affinity::PinVcpus,
+    /// Whether guest RAM may use transparent huge pages.
+    pub huge_pages: crate::affinity::HugePages,
 }
 
 impl VmConfig {
@@ -162,6 +164,7 @@ mod tests {
             vcpus: 1,
             disks: vec![],
             pin_vcpus: crate::affinity::PinVcpus::Auto,
+            huge_pages: crate::affinity::HugePages::Auto,
         };
         assert_eq!(c.validate(), Ok(()));
         c.memory = 0;

@@ -236,6 +236,11 @@ struct CreateArgs {
     /// an apply; hardware KVM does not need it.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
     pin_vcpus: vmm::affinity::PinVcpus,
+    /// Back guest RAM with transparent huge pages. "auto" does, except on
+    /// the kvm_pvm software backend, where huge host pages let the guest
+    /// see stale memory after an apply.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    huge_pages: vmm::affinity::HugePages,
 }
 
 #[derive(Subcommand)]
@@ -373,6 +378,11 @@ struct RunArgs {
     /// which needs it), on or off.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
     pin_vcpus: vmm::affinity::PinVcpus,
+    /// Back guest RAM with transparent huge pages. "auto" does, except on
+    /// the kvm_pvm software backend, where huge host pages let the guest
+    /// see stale memory after an apply.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    huge_pages: vmm::affinity::HugePages,
 }
 
 fn init_logging() {
@@ -414,6 +424,7 @@ fn run(args: RunArgs) -> ExitCode {
         vcpus,
         disks,
         pin_vcpus: args.pin_vcpus,
+        huge_pages: args.huge_pages,
     };
     match vmm::run::run_foreground(&config) {
         Ok(outcome) => {
@@ -487,6 +498,7 @@ fn lifecycle(cmd: Command) -> ExitCode {
                 memory: a.memory,
                 vcpus: a.vcpus,
                 pin_vcpus: a.pin_vcpus,
+                huge_pages: a.huge_pages,
                 disks,
                 link: a.link,
             };

@@ -86,9 +86,10 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Maps `size` bytes of guest RAM. `phys_bits` bounds the guest-physical
+    /// Maps `size` bytes of guest RAM, on transparent huge pages if `huge`
+    /// (else on 4 KiB pages only). `phys_bits` bounds the guest-physical
     /// address space.
-    pub fn new(size: u64, phys_bits: u32) -> Result<Self, MemoryError> {
+    pub fn new(size: u64, phys_bits: u32, huge: bool) -> Result<Self, MemoryError> {
         let ranges = ram_ranges(size);
         let top = ranges.last().map(|r| r.start + r.size).unwrap_or(0);
         if phys_bits < 64 && top > (1u64 << phys_bits) {
@@ -100,7 +101,7 @@ impl GuestRam {
             let len =
                 usize::try_from(r.size).map_err(|_| MemoryError::TooLarge { size, phys_bits })?;
             let (mapping, aligned) =
-                map_aligned(len).map_err(|source| MemoryError::Mmap { size, source })?;
+                map_aligned(len, huge).map_err(|source| MemoryError::Mmap { size, source })?;
             mappings.push(mapping);
             let prot = libc::PROT_READ | libc::PROT_WRITE;
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
@@ -138,8 +139,8 @@ impl GuestRam {
 }
 
 /// Maps `len` bytes at a 2 MiB-aligned address (so THP can back all of it)
-/// and asks for huge pages.
-fn map_aligned(len: usize) -> std::io::Result<(HostMapping, *mut u8)> {
+/// and asks for huge pages, or with `huge` false, for none.
+fn map_aligned(len: usize, huge: bool) -> std::io::Result<(HostMapping, *mut u8)> {
     let align = HUGE_PAGE_SIZE as usize;
     let total = len
         .checked_add(align)
@@ -160,6 +161,12 @@ fn map_aligned(len: usize) -> std::io::Result<(HostMapping, *mut u8)> {
     }
     let mapping = HostMapping { base, len: total };
     let aligned = (base as usize).next_multiple_of(align) as *mut u8;
+    if !huge {
+        // SAFETY: the range lies inside the mapping; the advice only keeps
+        // THP away from it.
+        unsafe { libc::madvise(aligned.cast(), len, libc::MADV_NOHUGEPAGE) };
+        return Ok((mapping, aligned));
+    }
     // SAFETY: the range lies inside the mapping; MADV_HUGEPAGE is advisory.
     let rc = unsafe { libc::madvise(aligned.cast(), len, libc::MADV_HUGEPAGE) };
     if rc != 0 {
@@ -202,7 +209,7 @@ mod tests {
 
     #[test]
     fn ram_is_aligned_and_usable() {
-        let ram = GuestRam::new(64 << 20, 40).unwrap();
+        let ram = GuestRam::new(64 << 20, 40, true).unwrap();
         assert_eq!(ram.size(), 64 << 20);
         let r = ram.memory().iter().next().unwrap();
         assert_eq!(r.as_ptr() as usize % (2 << 20), 0);
@@ -218,7 +225,7 @@ mod tests {
     #[test]
     fn too_large_for_phys_bits() {
         assert!(matches!(
-            GuestRam::new(1 << 40, 36),
+            GuestRam::new(1 << 40, 36, true),
             Err(MemoryError::TooLarge { .. })
         ));
     }

@@ -327,7 +327,11 @@ impl Vm {
             })
             .map_err(kvm_err("create the in-kernel PIT"))?;
 
-        let ram = Arc::new(GuestRam::new(config.memory, cpuid::phys_bits(&supported))?);
+        let ram = Arc::new(GuestRam::new(
+            config.memory,
+            cpuid::phys_bits(&supported),
+            config.huge_pages.enabled(),
+        )?);
         let mut host_ranges = Vec::new();
         for (slot, region) in ram.memory().iter().enumerate() {
             let host = region.as_ptr() as u64;
@@ -753,6 +757,7 @@ impl Vm {
                     "{memory_path}: {e}"
                 )))
             }),
+            self.config.huge_pages.enabled(),
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()))?;
         self.forget_translations()?;

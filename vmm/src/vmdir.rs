@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::affinity::PinVcpus;
+use crate::affinity::{HugePages, PinVcpus};
 use crate::config::{parse_size, DiskConfig, VmConfig, MAX_DISKS};
 
 /// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).
@@ -106,6 +106,10 @@ pub struct VmToml {
     /// kvm_pvm backend, which needs it), "on" or "off".
     #[serde(default)]
     pub pin_vcpus: PinVcpus,
+    /// Whether guest RAM may use transparent huge pages: "auto" (not on
+    /// the kvm_pvm backend), "on" or "off".
+    #[serde(default)]
+    pub huge_pages: HugePages,
     /// Disks in guest order.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
@@ -315,6 +319,7 @@ impl VmDir {
             memory: parse_size(&t.memory).map_err(|e| self.key_err("memory", e.to_string()))?,
             vcpus: t.vcpus,
             pin_vcpus: t.pin_vcpus,
+            huge_pages: t.huge_pages,
             disks: t
                 .disks
                 .iter()
@@ -341,6 +346,8 @@ pub struct CreateRequest {
     pub vcpus: u8,
     /// vCPU thread pinning.
     pub pin_vcpus: PinVcpus,
+    /// Huge pages for guest RAM.
+    pub huge_pages: HugePages,
     /// Disks (path, readonly).
     pub disks: Vec<DiskConfig>,
     /// Reference the kernel, initrd and disks in place instead of copying.
@@ -463,6 +470,7 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
         memory: req.memory.clone(),
         vcpus: req.vcpus,
         pin_vcpus: req.pin_vcpus,
+        huge_pages: req.huge_pages,
         disks,
     };
     dir.validate(&t)?;
@@ -495,6 +503,7 @@ mod tests {
                 memory: "64M".into(),
                 vcpus: 2,
                 pin_vcpus: PinVcpus::Auto,
+                huge_pages: HugePages::Auto,
                 disks: vec![DiskConfig {
                     path: disk,
                     readonly: false,
