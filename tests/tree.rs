@@ -239,20 +239,26 @@ fn snapshot_and_apply_during_a_lazy_load() {
 /// Round after round: apply, take a snapshot while that apply's memory
 /// still loads, apply the new snapshot as soon as it is written; the guest
 /// verifies memory and disk every time. This is the lab pattern that broke
-/// on the kvm_pvm backend while vCPU threads floated between host CPUs
-/// (about one round in eight: the guest read and wrote pages the apply had
-/// replaced); `SNAPVM_TEST_PIN_VCPUS=off` runs it that way.
+/// on the kvm_pvm backend while vCPU threads floated between host CPUs and
+/// guest RAM was on huge pages (about one round in eight: the guest read
+/// and wrote pages the apply had replaced); `SNAPVM_TEST_PIN_VCPUS=off
+/// SNAPVM_TEST_HUGE_PAGES=on` runs it that way.
 #[test]
 fn snapshots_taken_during_a_lazy_load_apply_and_verify_round_after_round() {
     let vm = TestVm::create("lazyrounds", LAB, "128M", 3, 8);
-    let pin = std::env::var("SNAPVM_TEST_PIN_VCPUS").unwrap_or_else(|_| "auto".into());
     let toml = vm.dir.join("vm.toml");
-    let text = std::fs::read_to_string(&toml).unwrap();
-    std::fs::write(
-        &toml,
-        text.replace("pin_vcpus = \"auto\"", &format!("pin_vcpus = \"{pin}\"")),
-    )
-    .unwrap();
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    for (key, var) in [
+        ("pin_vcpus", "SNAPVM_TEST_PIN_VCPUS"),
+        ("huge_pages", "SNAPVM_TEST_HUGE_PAGES"),
+    ] {
+        let value = std::env::var(var).unwrap_or_else(|_| "auto".into());
+        text = text.replace(
+            &format!("{key} = \"auto\""),
+            &format!("{key} = \"{value}\""),
+        );
+    }
+    std::fs::write(&toml, text).unwrap();
     vm.ok(&["start"]);
     vm.wait_serial(0, "workload=diskstamp gen=1", 1, T);
     let base = take(&vm, "base");

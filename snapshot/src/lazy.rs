@@ -672,12 +672,7 @@ mod tests {
         start_load_with(addr, len, file, true)
     }
 
-    fn start_load_with(
-        addr: usize,
-        len: usize,
-        file: &std::path::Path,
-        huge: bool,
-    ) -> LazyLoader {
+    fn start_load_with(addr: usize, len: usize, file: &std::path::Path, huge: bool) -> LazyLoader {
         let wp = Arc::new(WriteProtector::new(&[HostRange { addr, len }]).unwrap());
         let regions = [GuestRegion {
             gpa: 0,

@@ -548,8 +548,8 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             cmdline: format!("workload=memstamp mem_mib={area} passes=0"),
             memory: format!("{}M", mib + 32),
             vcpus: 2,
-            pin_vcpus: crate::affinity::PinVcpus::Auto,
-            huge_pages: crate::affinity::HugePages::Auto,
+            pin_vcpus: crate::backend_quirks::PinVcpus::Auto,
+            huge_pages: crate::backend_quirks::HugePages::Auto,
             disks: vec![],
             link: true,
         };
@@ -806,8 +806,8 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
             cmdline: format!("workload=memstamp mem_mib={} passes=0 rate=200", mib / 2),
             memory: format!("{}M", mib + 32),
             vcpus: 2,
-            pin_vcpus: crate::affinity::PinVcpus::Auto,
-            huge_pages: crate::affinity::HugePages::Auto,
+            pin_vcpus: crate::backend_quirks::PinVcpus::Auto,
+            huge_pages: crate::backend_quirks::HugePages::Auto,
             disks: vec![],
             link: true,
         };
@@ -995,8 +995,8 @@ pub fn merge(b: &MergeBench) -> Result<(), BenchError> {
                 cmdline: "workload=memstamp disk=1 blocks=256 mem_mib=64 passes=0".into(),
                 memory: "160M".into(),
                 vcpus: 2,
-                pin_vcpus: crate::affinity::PinVcpus::Auto,
-            huge_pages: crate::affinity::HugePages::Auto,
+                pin_vcpus: crate::backend_quirks::PinVcpus::Auto,
+                huge_pages: crate::backend_quirks::HugePages::Auto,
                 disks: vec![crate::config::DiskConfig {
                     path: base.clone(),
                     readonly: false,

@@ -1,9 +1,9 @@
 //! snapvm's virtual machine monitor: KVM VMs and vCPUs, guest memory, boot,
 //! and the `snapvm` command line.
 
-pub mod affinity;
 pub mod api_client;
 pub mod api_server;
+pub mod backend_quirks;
 pub mod bench;
 pub mod block;
 pub mod boot;

@@ -235,12 +235,12 @@ struct CreateArgs {
     /// a vCPU thread moving between CPUs can see stale guest memory after
     /// an apply; hardware KVM does not need it.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
-    pin_vcpus: vmm::affinity::PinVcpus,
+    pin_vcpus: vmm::backend_quirks::PinVcpus,
     /// Back guest RAM with transparent huge pages. "auto" does, except on
     /// the kvm_pvm software backend, where huge host pages let the guest
     /// see stale memory after an apply.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
-    huge_pages: vmm::affinity::HugePages,
+    huge_pages: vmm::backend_quirks::HugePages,
 }
 
 #[derive(Subcommand)]
@@ -377,12 +377,12 @@ struct RunArgs {
     /// Pin each vCPU thread to one host CPU: auto (on the kvm_pvm backend,
     /// which needs it), on or off.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
-    pin_vcpus: vmm::affinity::PinVcpus,
+    pin_vcpus: vmm::backend_quirks::PinVcpus,
     /// Back guest RAM with transparent huge pages. "auto" does, except on
     /// the kvm_pvm software backend, where huge host pages let the guest
     /// see stale memory after an apply.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
-    huge_pages: vmm::affinity::HugePages,
+    huge_pages: vmm::backend_quirks::HugePages,
 }
 
 fn init_logging() {

@@ -542,7 +542,7 @@ impl VcpuHandle {
 
 /// Starts vCPU `index`'s run loop on a new thread.
 /// Starts the thread of vCPU `index`; with `cpu`, the thread is pinned to
-/// that host CPU before it runs any guest code (see [`crate::affinity`]).
+/// that host CPU before it runs any guest code (see [`crate::backend_quirks`]).
 pub fn spawn(
     index: u8,
     fd: VcpuFd,
@@ -554,7 +554,7 @@ pub fn spawn(
         .name(format!("vcpu{index}"))
         .spawn(move || {
             let mut fd = fd;
-            let pinned = cpu.map_or(Ok(()), crate::affinity::pin_current_thread);
+            let pinned = cpu.map_or(Ok(()), crate::backend_quirks::pin_current_thread);
             let ok = pinned.is_ok();
             let _ = pinned_tx.send(pinned);
             if ok {

@@ -560,8 +560,9 @@ impl Vm {
 
     fn spawn_vcpus(&mut self) -> Result<(), VmError> {
         let cpus = if self.config.pin_vcpus.enabled() {
-            let allowed = crate::affinity::allowed_cpus().map_err(vcpu::VcpuError::Affinity)?;
-            let plan = crate::affinity::plan(self.pending_vcpus.len(), &allowed);
+            let allowed =
+                crate::backend_quirks::allowed_cpus().map_err(vcpu::VcpuError::Affinity)?;
+            let plan = crate::backend_quirks::plan(self.pending_vcpus.len(), &allowed);
             tracing::info!(
                 "vCPU threads pinned to host CPUs {plan:?} (pin_vcpus = {})",
                 self.config.pin_vcpus.as_str()

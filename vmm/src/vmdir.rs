@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::affinity::{HugePages, PinVcpus};
+use crate::backend_quirks::{HugePages, PinVcpus};
 use crate::config::{parse_size, DiskConfig, VmConfig, MAX_DISKS};
 
 /// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).

@@ -1,19 +1,28 @@
-//! Pinning vCPU threads to host CPUs.
+//! Workarounds for the `kvm_pvm` software KVM backend these machines have
+//! (ENVIRONMENT.md): vCPU threads pinned to host CPUs, and guest RAM kept
+//! off transparent huge pages.
 //!
-//! On the `kvm_pvm` software backend these machines have (ENVIRONMENT.md),
-//! a vCPU thread that migrates between host CPUs can, for a moment, keep
-//! using guest translations that KVM has already dropped. An apply
-//! replaces all of guest memory; afterwards the guest sometimes read and
-//! wrote the *old* pages (its own stores seemed lost, a virtio used ring
-//! read stale). Measured with a stress run that applies, snapshots during
-//! the lazy load and applies that snapshot (3 vCPUs on 2 host CPUs): 2
-//! failures in 17 rounds with floating vCPU threads; none in 50 rounds with
-//! each vCPU thread pinned to one CPU (the other VMM threads floating), nor
-//! in 40 with the whole VMM on one CPU. The VMM cannot flush another CPU's
-//! TLB for the guest, so it keeps each vCPU thread on one CPU instead.
+//! On `kvm_pvm`, after an apply replaced all of guest memory, the guest
+//! sometimes kept reading and writing the *old* pages for a moment: its
+//! own stores seemed lost (a virtio used-ring index one behind, a request
+//! status never arriving, a return address from the past). The VMM's side
+//! is sound (the pages leave with mremap, KVM's mappings are dropped by its
+//! MMU notifier and its memory slots are re-created); stale translations
+//! survive inside the backend, and the VMM cannot flush them. Measured with
+//! a stress run that applies, snapshots during the lazy load and applies
+//! that snapshot at once (3 vCPUs on 2 host CPUs, 128 MiB, debug build):
 //!
-//! Hardware KVM does not need this (it flushes when a vCPU moves), so the
-//! default, [`PinVcpus::Auto`], pins only on `kvm_pvm`.
+//! | vCPU threads | guest RAM  | rounds | failed |
+//! |--------------|------------|--------|--------|
+//! | floating     | huge pages | 17     | 2      |
+//! | pinned       | huge pages | 90     | 0      |
+//! | floating     | 4 KiB      | 80     | 0      |
+//!
+//! Pinning alone was not enough: a full test-suite run with pinned vCPUs
+//! and huge pages failed the same way once. So on `kvm_pvm` both are on by
+//! default ([`PinVcpus::Auto`], [`HugePages::Auto`]); hardware KVM needs
+//! neither (it flushes when a vCPU moves), and there guest RAM uses huge
+//! pages, which make applies faster.
 //!
 //! Written on libc: the affinity crates on crates.io either wrap the same
 //! two calls or pull in a cross-platform layer this Linux-only VMM does
@@ -48,7 +57,7 @@ impl PinVcpus {
     /// Whether to pin on this host.
     pub fn enabled(self) -> bool {
         match self {
-            Self::Auto => backend_needs_pinning(),
+            Self::Auto => is_kvm_pvm(),
             Self::On => true,
             Self::Off => false,
         }
@@ -65,16 +74,19 @@ impl PinVcpus {
 }
 
 /// Whether guest RAM may use transparent huge pages (vm.toml `huge_pages`).
-///
-/// On `kvm_pvm`, huge host pages under guest RAM were the other half of
-/// the stale-memory problem described above: the same stress with vCPU
-/// threads floating failed 2 rounds in 17 with guest RAM on huge pages and
-/// none in 40 on 4 KiB pages, and a full test-suite run failed the same
-/// way once with vCPUs pinned but huge pages in use. So `auto` keeps guest
-/// RAM on 4 KiB pages there (at a cost: an apply then spends more time in
-/// KVM's teardown of small mappings) and uses huge pages elsewhere.
+/// `auto` keeps guest RAM on 4 KiB pages on `kvm_pvm` (see the module
+/// documentation; an apply then spends more time in KVM's teardown of
+/// small mappings) and uses huge pages elsewhere.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum HugePages {
@@ -91,7 +103,7 @@ impl HugePages {
     /// Whether guest RAM uses huge pages on this host.
     pub fn enabled(self) -> bool {
         match self {
-            Self::Auto => !backend_needs_pinning(),
+            Self::Auto => !is_kvm_pvm(),
             Self::On => true,
             Self::Off => false,
         }
@@ -108,7 +120,7 @@ impl HugePages {
 }
 
 /// Whether the loaded KVM backend is `kvm_pvm`.
-pub fn backend_needs_pinning() -> bool {
+pub fn is_kvm_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
@@ -193,6 +205,6 @@ mod tests {
         assert_eq!(t.pin_vcpus, PinVcpus::Auto);
         assert!(toml::from_str::<T>("pin_vcpus = \"sometimes\"").is_err());
         assert!(PinVcpus::On.enabled() && !PinVcpus::Off.enabled());
-        assert_eq!(PinVcpus::Auto.enabled(), backend_needs_pinning());
+        assert_eq!(PinVcpus::Auto.enabled(), is_kvm_pvm());
     }
 }
