@@ -63,6 +63,30 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LifecycleError 
     move |source| LifecycleError::Io { what, source }
 }
 
+/// Whether the VM's lock is held by a VMM that is still alive, waiting up to
+/// `patience` for one that is exiting. A VMM killed with SIGKILL keeps its
+/// lock until its last thread is gone, which takes a moment while the
+/// kernel frees guest memory; its main thread is a zombie meanwhile (and
+/// `status` already says stopped).
+fn held_by_live_vmm(dir: &VmDir, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    while is_running(dir) {
+        let exiting = pid_of(dir).parse::<i32>().is_ok_and(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command name in parentheses.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            matches!(state, None | Some('Z') | Some('X'))
+        });
+        if !exiting || Instant::now() > deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 fn pid_of(dir: &VmDir) -> String {
     std::fs::read_to_string(dir.pid_file())
         .map(|s| s.trim().to_string())
@@ -96,7 +120,7 @@ pub fn start_from(root: &Path, paused: bool, from: Option<&str>) -> Result<Value
     let dir = VmDir::open(root)?;
     dir.load()?;
     dir.check_socket_paths()?;
-    if is_running(&dir) {
+    if held_by_live_vmm(&dir, Duration::from_secs(30)) {
         return Err(LifecycleError::AlreadyRunning(
             dir.root().to_path_buf(),
             pid_of(&dir),
