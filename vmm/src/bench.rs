@@ -699,6 +699,8 @@ pub struct ApplyBench {
     pub sizes_mib: Vec<u64>,
     /// Applies per mode and size.
     pub count: usize,
+    /// Huge pages for the guest's RAM (to measure the kvm_pvm workaround).
+    pub huge_pages: crate::backend_quirks::HugePages,
 }
 
 fn run_job(
@@ -783,8 +785,9 @@ impl ApplyMode {
 /// Runs `snapvm bench apply` and prints its table.
 pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
     println!(
-        "snapvm bench apply: test guest, 2 vCPUs, memstamp (200 MiB/s per vCPU) over half of memory; {} applies per mode (median)",
-        b.count
+        "snapvm bench apply: test guest, 2 vCPUs, memstamp (200 MiB/s per vCPU) over half of memory; {} applies per mode (median); guest RAM on {}",
+        b.count,
+        if b.huge_pages.enabled() { "huge pages" } else { "4 KiB pages" }
     );
     println!(
         "{:<10} {:<22} {:>16} {:>18} {:>10}",
@@ -807,7 +810,7 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
             memory: format!("{}M", mib + 32),
             vcpus: 2,
             pin_vcpus: crate::backend_quirks::PinVcpus::Auto,
-            huge_pages: crate::backend_quirks::HugePages::Auto,
+            huge_pages: b.huge_pages,
             disks: vec![],
             link: true,
         };

@@ -318,6 +318,10 @@ enum BenchCommand {
         /// The test guest (default: the one built with snapvm).
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
+        /// Guest RAM on huge pages: auto (not on kvm_pvm), on or off; run
+        /// it with on and off to see what the kvm_pvm workaround costs.
+        #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+        huge_pages: vmm::backend_quirks::HugePages,
     },
     /// Merge after a delete: a snapshot whose disk layer holds SIZE MiB is
     /// deleted while the guest runs; merge throughput next to dd, guest
@@ -692,12 +696,14 @@ fn main() -> ExitCode {
             count,
             dir,
             kernel,
+            huge_pages,
         }) => {
             let b = vmm::bench::ApplyBench {
                 kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
                 dir: dir.unwrap_or_else(std::env::temp_dir),
                 sizes_mib: sizes,
                 count: count.max(1),
+                huge_pages,
             };
             match vmm::bench::apply(&b) {
                 Ok(()) => ExitCode::SUCCESS,
