@@ -30,7 +30,7 @@
 
 use std::path::Path;
 
-/// Whether vCPU threads are pinned to host CPUs (vm.toml `pin_vcpus`).
+/// A workaround switch (vm.toml `pin_vcpus`, `huge_pages`).
 #[derive(
     Debug,
     Clone,
@@ -43,67 +43,28 @@ use std::path::Path;
     clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum PinVcpus {
-    /// Pin on KVM backends that need it (the `kvm_pvm` software backend).
+pub enum Setting {
+    /// As the KVM backend needs (on kvm_pvm: vCPUs pinned, guest RAM on
+    /// 4 KiB pages).
     #[default]
     Auto,
-    /// Always pin: vCPU i runs on the i-th allowed host CPU, round robin.
+    /// Always.
     On,
-    /// Never pin: the host scheduler moves vCPU threads freely.
+    /// Never.
     Off,
 }
 
-impl PinVcpus {
-    /// Whether to pin on this host.
-    pub fn enabled(self) -> bool {
-        match self {
-            Self::Auto => is_kvm_pvm(),
-            Self::On => true,
-            Self::Off => false,
-        }
-    }
-
-    /// The value as vm.toml and the command line spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::On => "on",
-            Self::Off => "off",
-        }
-    }
-}
+/// Whether vCPU threads are pinned to host CPUs (vm.toml `pin_vcpus`).
+pub type PinVcpus = Setting;
 
 /// Whether guest RAM may use transparent huge pages (vm.toml `huge_pages`).
-/// `auto` keeps guest RAM on 4 KiB pages on `kvm_pvm` (see the module
-/// documentation; an apply then spends more time in KVM's teardown of
-/// small mappings) and uses huge pages elsewhere.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum HugePages {
-    /// Huge pages except on the `kvm_pvm` software backend.
-    #[default]
-    Auto,
-    /// Transparent huge pages for guest RAM (faster boots and applies).
-    On,
-    /// 4 KiB pages only.
-    Off,
-}
+pub type HugePages = Setting;
 
-impl HugePages {
-    /// Whether guest RAM uses huge pages on this host.
-    pub fn enabled(self) -> bool {
+impl Setting {
+    /// On or off, with `auto` resolved to `auto_value`.
+    fn resolve(self, auto_value: bool) -> bool {
         match self {
-            Self::Auto => !is_kvm_pvm(),
+            Self::Auto => auto_value,
             Self::On => true,
             Self::Off => false,
         }
@@ -117,6 +78,20 @@ impl HugePages {
             Self::Off => "off",
         }
     }
+}
+
+/// Whether to pin vCPU threads on this host: `auto` pins on `kvm_pvm`
+/// (vCPU i on the i-th allowed host CPU, round robin).
+pub fn pin_vcpus(s: PinVcpus) -> bool {
+    s.resolve(is_kvm_pvm())
+}
+
+/// Whether guest RAM uses huge pages on this host: `auto` keeps guest RAM
+/// on 4 KiB pages on `kvm_pvm` (see the module documentation; an apply
+/// then spends more time in KVM's teardown of small mappings) and uses
+/// huge pages elsewhere.
+pub fn huge_pages(s: HugePages) -> bool {
+    s.resolve(!is_kvm_pvm())
 }
 
 /// Whether the loaded KVM backend is `kvm_pvm`.
@@ -204,7 +179,9 @@ mod tests {
         let t: T = toml::from_str("").unwrap();
         assert_eq!(t.pin_vcpus, PinVcpus::Auto);
         assert!(toml::from_str::<T>("pin_vcpus = \"sometimes\"").is_err());
-        assert!(PinVcpus::On.enabled() && !PinVcpus::Off.enabled());
-        assert_eq!(PinVcpus::Auto.enabled(), is_kvm_pvm());
+        assert!(pin_vcpus(Setting::On) && !pin_vcpus(Setting::Off));
+        assert!(huge_pages(Setting::On) && !huge_pages(Setting::Off));
+        assert_eq!(pin_vcpus(Setting::Auto), is_kvm_pvm());
+        assert_eq!(huge_pages(Setting::Auto), !is_kvm_pvm());
     }
 }

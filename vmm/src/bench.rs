@@ -787,7 +787,7 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
     println!(
         "snapvm bench apply: test guest, 2 vCPUs, memstamp (200 MiB/s per vCPU) over half of memory; {} applies per mode (median); guest RAM on {}",
         b.count,
-        if b.huge_pages.enabled() { "huge pages" } else { "4 KiB pages" }
+        if crate::backend_quirks::huge_pages(b.huge_pages) { "huge pages" } else { "4 KiB pages" }
     );
     println!(
         "{:<10} {:<22} {:>16} {:>18} {:>10}",

@@ -330,7 +330,7 @@ impl Vm {
         let ram = Arc::new(GuestRam::new(
             config.memory,
             cpuid::phys_bits(&supported),
-            config.huge_pages.enabled(),
+            crate::backend_quirks::huge_pages(config.huge_pages),
         )?);
         let mut host_ranges = Vec::new();
         for (slot, region) in ram.memory().iter().enumerate() {
@@ -559,7 +559,7 @@ impl Vm {
     }
 
     fn spawn_vcpus(&mut self) -> Result<(), VmError> {
-        let cpus = if self.config.pin_vcpus.enabled() {
+        let cpus = if crate::backend_quirks::pin_vcpus(self.config.pin_vcpus) {
             let allowed =
                 crate::backend_quirks::allowed_cpus().map_err(vcpu::VcpuError::Affinity)?;
             let plan = crate::backend_quirks::plan(self.pending_vcpus.len(), &allowed);
@@ -758,7 +758,7 @@ impl Vm {
                     "{memory_path}: {e}"
                 )))
             }),
-            self.config.huge_pages.enabled(),
+            crate::backend_quirks::huge_pages(self.config.huge_pages),
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()))?;
         self.forget_translations()?;
