@@ -2,27 +2,31 @@
 //! (ENVIRONMENT.md): vCPU threads pinned to host CPUs, and guest RAM kept
 //! off transparent huge pages.
 //!
-//! On `kvm_pvm`, after an apply replaced all of guest memory, the guest
-//! sometimes kept reading and writing the *old* pages for a moment: its
-//! own stores seemed lost (a virtio used-ring index one behind, a request
-//! status never arriving, a return address from the past). The VMM's side
-//! is sound (the pages leave with mremap, KVM's mappings are dropped by its
-//! MMU notifier and its memory slots are re-created); stale translations
-//! survive inside the backend, and the VMM cannot flush them. Measured with
-//! a stress run that applies, snapshots during the lazy load and applies
-//! that snapshot at once (3 vCPUs on 2 host CPUs, 128 MiB, debug build):
+//! On `kvm_pvm`, right after an apply replaced all of guest memory, the
+//! guest sometimes read a page it was using as zeroes, or as its content
+//! from before the apply (a return address of 0, a virtio used-ring index
+//! or request status that never changed), always on the vCPU with the
+//! smallest working set (the disk workload's). That is the signature of
+//! stale translations: the VMM's side drops everything it can (KVM's
+//! memory slots are removed before the old pages leave with mremap, and
+//! added back after), so they survive inside the backend, where the VMM
+//! cannot flush them. Measured with a stress run that applies, snapshots
+//! during the lazy load and applies that snapshot at once (3 vCPUs on 2
+//! host CPUs, 128 MiB, debug build):
 //!
-//! | vCPU threads | guest RAM  | rounds | failed |
-//! |--------------|------------|--------|--------|
-//! | floating     | huge pages | 17     | 2      |
-//! | pinned       | huge pages | 90     | 0      |
-//! | floating     | 4 KiB      | 80     | 0      |
+//! | host CPU  | vCPU threads | guest RAM  | rounds | failed |
+//! |-----------|--------------|------------|--------|--------|
+//! | earlier   | floating     | huge pages | 17     | 2      |
+//! | earlier   | pinned       | huge pages | 90     | 0      |
+//! | earlier   | floating     | 4 KiB      | 80     | 0      |
+//! | AMD EPYC  | floating     | huge pages | 70     | 0      |
 //!
-//! Pinning alone was not enough: a full test-suite run with pinned vCPUs
-//! and huge pages failed the same way once. So on `kvm_pvm` both are on by
-//! default ([`PinVcpus::Auto`], [`HugePages::Auto`]); hardware KVM needs
-//! neither (it flushes when a vCPU moves), and there guest RAM uses huge
-//! pages, which make applies faster.
+//! So it depends on the host machine under the backend too. Pinning alone
+//! was not enough where it happened: a full test-suite run with pinned
+//! vCPUs and huge pages failed the same way once. So on `kvm_pvm` both are
+//! on by default ([`PinVcpus::Auto`], [`HugePages::Auto`]); hardware KVM
+//! needs neither (it flushes when a vCPU moves), and there guest RAM uses
+//! huge pages, which make applies faster.
 //!
 //! Written on libc: the affinity crates on crates.io either wrap the same
 //! two calls or pull in a cross-platform layer this Linux-only VMM does
