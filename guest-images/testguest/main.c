@@ -663,7 +663,8 @@ static void disk_request(u32 type, u64 block)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     vio_write(0x50, 0);
     u64 t0 = now_ns();
-    while (*(volatile u16 *)&vq_used.idx == vq_last_used) {
+    u16 last = vq_last_used, seen;
+    while ((seen = *(volatile u16 *)&vq_used.idx) == last) {
         if (now_ns() - t0 > 10000000000ull)
             disk_fail("request timed out: type/block", type, block);
         cpu_relax();
@@ -684,6 +685,20 @@ static void disk_request(u32 type, u64 block)
         put_dec(vq_used.idx);
         puts_(" avail_idx=");
         put_dec(vq_avail.idx);
+        puts_(" last_used=");
+        put_dec(last);
+        puts_(" seen_used=");
+        put_dec(seen);
+        puts_(" last_used_now=");
+        put_dec(*(volatile u16 *)&vq_last_used);
+        puts_(" status_now=");
+        put_dec(*(volatile u8 *)&blk_status);
+        puts_(" at=");
+        put_hex((u64)&vq_last_used);
+        puts_(",");
+        put_hex((u64)&blk_status);
+        puts_(",");
+        put_hex((u64)&vq_used);
         puts_("\n");
         unlock_print();
         __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
@@ -1049,6 +1064,8 @@ int exception_handler(struct trap_frame *f)
     put_hex(cr2);
     puts_(" cpl=");
     put_dec(f->cs & 3);
+    puts_(" rsp=");
+    put_hex(f->rsp);
     puts_("\n");
     unlock_print();
     guest_exit(STATUS_EXCEPTION);

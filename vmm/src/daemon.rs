@@ -643,7 +643,11 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
     let outcome = {
         let mut vm = controller.vm.lock().unwrap_or_else(|e| e.into_inner());
         vm.stop();
-        vm.outcome().unwrap_or(Outcome::Stopped(sig.unwrap_or(0)))
+        let outcome = vm.outcome().unwrap_or(Outcome::Stopped(sig.unwrap_or(0)));
+        if outcome.exit_code() != 0 && std::env::var_os("SNAPVM_DEBUG_DUMP_ON_FAIL").is_some() {
+            dump_guest_ram(&vm, &dir.logs_dir().join("guest-ram.dump"));
+        }
+        outcome
     };
     // Let answers in flight (e.g. the job result of an apply that turned
     // the VM off) reach their clients before the process ends.
@@ -659,4 +663,31 @@ pub fn run(root: &Path, paused: bool, from: Option<&str>) -> Result<Outcome, Dae
         last.to_string().as_bytes(),
     );
     Ok(outcome)
+}
+
+/// Debug aid: writes guest RAM as the VMM sees it to `path` (sparse, at
+/// file offset = guest-physical address) for a post-mortem of a guest
+/// failure.
+fn dump_guest_ram(vm: &crate::vm::Vm, path: &Path) {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    if let Err(e) = vm.finish_lazy_load() {
+        tracing::warn!("guest RAM dump: {e}");
+    }
+    let Ok(f) = std::fs::File::create(path) else {
+        return;
+    };
+    for region in vm.ram().memory().iter() {
+        let gpa = region.start_addr().0;
+        // SAFETY: the region's own mapping, alive while `vm` is; only read.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(region.as_ptr() as *const u8, region.len() as usize)
+        };
+        for (i, page) in bytes.chunks(4096).enumerate() {
+            if page.iter().any(|b| *b != 0) {
+                let _ = f.write_all_at(page, gpa + i as u64 * 4096);
+            }
+        }
+    }
+    tracing::info!("guest RAM written to {}", path.display());
 }
