@@ -323,6 +323,19 @@ pub enum Requested {
     Stop,
 }
 
+/// What a vCPU thread does after [`VcpuControl::checkpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checkpoint {
+    /// Run the guest.
+    Run,
+    /// A pause waits: first let KVM complete the exit just handled (an
+    /// MMIO or port access finishes inside the next KVM_RUN), without
+    /// running guest code.
+    FinishIo,
+    /// Leave the run loop.
+    Stop,
+}
+
 /// Work a parked vCPU does on its own thread.
 #[derive(Clone)]
 enum ParkedCommand {
@@ -430,13 +443,27 @@ impl VcpuControl {
     }
 
     /// Called by a vCPU thread before each KVM_RUN: parks while paused
-    /// (running save/restore commands); returns false when it must stop.
-    fn checkpoint(&self, index: u8, fd: &VcpuFd, msrs: &[u32], seen: &mut u64) -> bool {
+    /// (running save/restore commands) and says what to do next. With
+    /// `io_pending` (the last KVM_RUN ended in an exit the VMM handled,
+    /// which KVM completes in the next KVM_RUN) a pause first returns
+    /// [`Checkpoint::FinishIo`]: the vCPU must not park, and have its state
+    /// saved or replaced, halfway through an instruction. Deciding that
+    /// here, under the lock a pause request takes, leaves no window for a
+    /// pause to slip in between.
+    fn checkpoint(
+        &self,
+        index: u8,
+        fd: &VcpuFd,
+        msrs: &[u32],
+        seen: &mut u64,
+        io_pending: bool,
+    ) -> Checkpoint {
         let mut g = self.lock();
         loop {
             match g.requested {
-                Requested::Run => return true,
-                Requested::Stop => return false,
+                Requested::Run => return Checkpoint::Run,
+                Requested::Stop => return Checkpoint::Stop,
+                Requested::Pause if io_pending => return Checkpoint::FinishIo,
                 Requested::Pause => {
                     g.parked += 1;
                     self.cv.notify_all();
@@ -467,11 +494,6 @@ impl VcpuControl {
                 }
             }
         }
-    }
-
-    /// Whether the vCPUs are asked to park.
-    fn pause_requested(&self) -> bool {
-        self.lock().requested == Requested::Pause
     }
 
     fn mark_exited(&self) {
@@ -589,22 +611,33 @@ enum Next {
 fn run_loop(index: u8, fd: &mut VcpuFd, ctx: &VcpuContext) {
     KVM_RUN_PTR.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
     let mut seen = 0;
+    let mut io_pending = false;
     loop {
-        if ctx.control.pause_requested() {
-            // An MMIO or port read completes inside the next KVM_RUN: run
-            // once with immediate_exit so KVM finishes it (and returns at
-            // once) before the state is saved or replaced.
+        let finish_io = match ctx
+            .control
+            .checkpoint(index, fd, &ctx.msrs, &mut seen, io_pending)
+        {
+            Checkpoint::Run => false,
+            // With immediate_exit, KVM completes the pending access and
+            // returns at once (KVM API: "userspace can re-enter the guest
+            // ... with the immediate_exit field set to complete pending
+            // operations without allowing any further instructions to be
+            // executed"). An access that needs another exit (the next
+            // fragment of a split MMIO access) comes back as one.
+            Checkpoint::FinishIo => true,
+            Checkpoint::Stop => break,
+        };
+        if finish_io {
             fd.set_kvm_immediate_exit(1);
-            let _ = fd.run();
-            fd.set_kvm_immediate_exit(0);
-        }
-        if !ctx.control.checkpoint(index, fd, &ctx.msrs, &mut seen) {
-            break;
         }
         let next = match fd.run() {
-            Ok(exit) => handle_exit(index, exit, ctx),
+            Ok(exit) => {
+                io_pending = true;
+                handle_exit(index, exit, ctx)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
+                io_pending = false;
                 Ok(Next::Continue)
             }
             Err(e) => Err(VcpuFailure::Run {
