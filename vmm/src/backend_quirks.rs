@@ -6,13 +6,13 @@
 //! guest sometimes read a page it was using as zeroes, or as its content
 //! from before the apply (a return address of 0, a virtio used-ring index
 //! or request status that never changed), always on the vCPU with the
-//! smallest working set (the disk workload's). That is the signature of
-//! stale translations: the VMM's side drops everything it can (KVM's
-//! memory slots are removed before the old pages leave with mremap, and
-//! added back after), so they survive inside the backend, where the VMM
-//! cannot flush them. Measured with a stress run that applies, snapshots
-//! during the lazy load and applies that snapshot at once (3 vCPUs on 2
-//! host CPUs, 128 MiB, debug build):
+//! smallest working set (the disk workload's). That fits translations
+//! kept inside the backend past the apply, which the VMM cannot flush (its
+//! side drops everything it can: KVM's memory slots are removed before the
+//! old pages leave with mremap, and added back after); it is not proven.
+//! Measured with a stress run that applies, snapshots during the lazy load
+//! and applies that snapshot at once (3 vCPUs on 2 host CPUs, 128 MiB,
+//! debug build):
 //!
 //! | host CPU  | vCPU threads | guest RAM  | rounds | failed |
 //! |-----------|--------------|------------|--------|--------|
@@ -20,13 +20,16 @@
 //! | earlier   | pinned       | huge pages | 90     | 0      |
 //! | earlier   | floating     | 4 KiB      | 80     | 0      |
 //! | AMD EPYC  | floating     | huge pages | 70     | 0      |
+//! | AMD EPYC  | pinned       | 4 KiB      | 100    | 0      |
 //!
-//! So it depends on the host machine under the backend too. Pinning alone
-//! was not enough where it happened: a full test-suite run with pinned
-//! vCPUs and huge pages failed the same way once. So on `kvm_pvm` both are
-//! on by default ([`PinVcpus::Auto`], [`HugePages::Auto`]); hardware KVM
-//! needs neither (it flushes when a vCPU moves), and there guest RAM uses
-//! huge pages, which make applies faster.
+//! So it depends on the host machine under the backend too, and neither
+//! workaround removes it: full test-suite runs failed the same way with
+//! pinned vCPUs and huge pages, and with both on (one of four clean-clone
+//! runs on the AMD host, in merge.rs, where deletes merge and remove disk
+//! layers around applies). They lowered the stress pattern's rate where it
+//! showed, so on `kvm_pvm` both are on by default ([`PinVcpus::Auto`],
+//! [`HugePages::Auto`]); hardware KVM needs neither (it flushes when a vCPU
+//! moves), and there guest RAM uses huge pages, which make applies faster.
 //!
 //! Written on libc: the affinity crates on crates.io either wrap the same
 //! two calls or pull in a cross-platform layer this Linux-only VMM does
