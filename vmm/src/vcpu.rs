@@ -812,3 +812,47 @@ fn recover_internal_error(
         _ => Err(fail(bytes)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vcpu() -> (kvm_ioctls::VmFd, VcpuFd) {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm (run as root)");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        (vm, fd)
+    }
+
+    /// A pause never parks a vCPU whose last exit KVM has yet to complete:
+    /// it is told to finish that first, and parks once nothing is pending.
+    #[test]
+    fn a_pause_first_lets_kvm_finish_a_pending_exit() {
+        let (_vm, fd) = vcpu();
+        let control = Arc::new(VcpuControl::new(Requested::Pause, 1));
+        let mut seen = 0;
+        assert_eq!(
+            control.checkpoint(0, &fd, &[], &mut seen, true),
+            Checkpoint::FinishIo
+        );
+        // Nothing pending: it parks until the VM runs again.
+        let c = control.clone();
+        let parked = std::thread::spawn(move || {
+            let mut seen = 0;
+            c.checkpoint(0, &fd, &[], &mut seen, false)
+        });
+        control.wait_parked(1);
+        control.request(Requested::Run);
+        assert_eq!(parked.join().unwrap(), Checkpoint::Run);
+        let (_vm, fd) = vcpu();
+        assert_eq!(
+            control.checkpoint(0, &fd, &[], &mut seen, true),
+            Checkpoint::Run
+        );
+        control.request(Requested::Stop);
+        assert_eq!(
+            control.checkpoint(0, &fd, &[], &mut seen, true),
+            Checkpoint::Stop
+        );
+    }
+}
