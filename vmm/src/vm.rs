@@ -332,26 +332,15 @@ impl Vm {
             cpuid::phys_bits(&supported),
             crate::backend_quirks::huge_pages(config.huge_pages),
         )?);
-        let mut host_ranges = Vec::new();
-        for (slot, region) in ram.memory().iter().enumerate() {
-            let host = region.as_ptr() as u64;
-            let mr = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host,
-            };
-            // SAFETY: the host range belongs to `ram`, which outlives the VM
-            // fd (both live in this struct, and the region is never unmapped
-            // while the VM exists).
-            unsafe { vm_fd.set_user_memory_region(mr) }
-                .map_err(kvm_err("register guest memory with KVM"))?;
-            host_ranges.push(HostRange {
-                addr: host as usize,
+        set_memslots(&vm_fd, &ram, true, "register guest memory with KVM")?;
+        let host_ranges: Vec<HostRange> = ram
+            .memory()
+            .iter()
+            .map(|region| HostRange {
+                addr: region.as_ptr() as usize,
                 len: region.len() as usize,
-            });
-        }
+            })
+            .collect();
         let write_protector = Arc::new(WriteProtector::new(&host_ranges)?);
         let tracker = Tracker::new(
             write_protector,
@@ -751,7 +740,12 @@ impl Vm {
         let memory_path = memory.display().to_string();
         // KVM lets go of guest memory before it is replaced, and gets it
         // back once the new memory is in place (see `set_memslots`).
-        self.set_memslots(false)?;
+        set_memslots(
+            &self.vm_fd,
+            &self.ram,
+            false,
+            "remove guest memory from KVM for an apply",
+        )?;
         let loader = LazyLoader::start(
             self.tracker.regions(),
             file,
@@ -764,7 +758,12 @@ impl Vm {
             crate::backend_quirks::huge_pages(self.config.huge_pages),
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()));
-        self.set_memslots(true)?;
+        set_memslots(
+            &self.vm_fd,
+            &self.ram,
+            true,
+            "register guest memory with KVM again",
+        )?;
         let mut loader = loader?;
         if eager {
             // The baseline of `snapvm bench apply`: all memory before resuming.
@@ -786,38 +785,6 @@ impl Vm {
             return Ok(());
         }
         self.restore_machine(state, disks)
-    }
-
-    /// Removes guest memory from KVM (`present` false) or registers it
-    /// again (the vCPUs must be paused). An apply replaces all of guest
-    /// memory, the guest's own page tables included. KVM learns of the old
-    /// pages going through its MMU notifier, but with shadow paging, as on
-    /// the kvm_pvm backend, it also keeps translations it built from the
-    /// guest's page tables and reuses them when the vCPU state it is given
-    /// has the same CR3; removing the slots makes it discard all of them.
-    /// Removing them *before* the memory is replaced also spares KVM the
-    /// walk over every old page the notifier would otherwise do (on 4 KiB
-    /// pages, tens of ms per GiB).
-    fn set_memslots(&self, present: bool) -> Result<(), VmError> {
-        for (slot, region) in self.ram.memory().iter().enumerate() {
-            let mr = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: if present { region.len() } else { 0 },
-                userspace_addr: region.as_ptr() as u64,
-            };
-            let what = if present {
-                "register guest memory with KVM again"
-            } else {
-                "remove guest memory from KVM for an apply"
-            };
-            // SAFETY: the same registration as at creation (or its
-            // removal): the host range belongs to `ram`, which outlives the
-            // VM fd; the vCPUs are paused.
-            unsafe { self.vm_fd.set_user_memory_region(mr) }.map_err(kvm_err(what))?;
-        }
-        Ok(())
     }
 
     /// Loads vCPU, VM and device state and switches the disks (the second
@@ -900,6 +867,38 @@ impl Vm {
 
 /// Loads memory.bin into guest RAM, verifying every chunk; zero pages are
 /// not touched (they stay unpopulated).
+/// Registers guest memory with KVM, one slot per region (`present`), or
+/// removes it. An apply removes it while the vCPUs are paused and guest
+/// memory is replaced, the guest's own page tables included: KVM learns of
+/// the old pages going through its MMU notifier, but with shadow paging,
+/// as on the kvm_pvm backend, it also keeps translations it built from the
+/// guest's page tables and reuses them when the vCPU state it is given has
+/// the same CR3; removing the slots makes it discard all of them. Removing
+/// them *before* the memory is replaced also spares KVM the walk over every
+/// old page the notifier would otherwise do (on 4 KiB pages, tens of ms
+/// per GiB).
+fn set_memslots(
+    vm_fd: &VmFd,
+    ram: &GuestRam,
+    present: bool,
+    what: &'static str,
+) -> Result<(), VmError> {
+    for (slot, region) in ram.memory().iter().enumerate() {
+        let mr = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: if present { region.len() } else { 0 },
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the host range belongs to `ram`, which outlives the VM fd
+        // (both live in `Vm`, and the range stays mapped while the VM
+        // exists; an apply replaces its pages in place, never unmaps it).
+        unsafe { vm_fd.set_user_memory_region(mr) }.map_err(kvm_err(what))?;
+    }
+    Ok(())
+}
+
 fn load_memory(ram: &GuestRam, path: &Path, regions: &[(u64, u64)]) -> Result<(), VmError> {
     let file = MemoryFile::open(path)?;
     file.check_layout(regions)?;
