@@ -347,6 +347,61 @@ pub struct Tracker {
     regions: Vec<GuestRegion>,
 }
 
+/// Debug aid: when set to a file path, a live snapshot copies guest memory
+/// at its instant (in the pause) and, once memory.bin is written, compares
+/// the two; a line per snapshot goes to that file. A difference means a
+/// write reached guest memory after the instant without a write-protect
+/// fault (so memory.bin holds newer data than the saved vCPU state).
+pub const CHECK_SNAPSHOT_ENV: &str = "SNAPVM_DEBUG_CHECK_SNAPSHOT";
+
+/// Compares what memory.bin holds for `regions` with `golden` (their
+/// content at the snapshot instant); a report line.
+fn compare_with_file(
+    file: &std::fs::File,
+    regions: &[GuestRegion],
+    golden: &[Vec<u8>],
+) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut changed = Vec::new();
+    let mut detail = String::new();
+    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    for (r, g) in regions.iter().zip(golden) {
+        let mut off = 0;
+        while off < r.len {
+            let len = (CHUNK_SIZE as usize).min(r.len - off);
+            file.read_exact_at(&mut buf[..len], r.gpa + off as u64)?;
+            for (p, (a, b)) in g[off..off + len]
+                .chunks(PAGE_SIZE as usize)
+                .zip(buf[..len].chunks(PAGE_SIZE as usize))
+                .enumerate()
+            {
+                if a != b {
+                    let gpa = r.gpa + (off + p * PAGE_SIZE as usize) as u64;
+                    if detail.is_empty() {
+                        let diff: Vec<String> = a
+                            .iter()
+                            .zip(b)
+                            .enumerate()
+                            .filter(|(_, (x, y))| x != y)
+                            .take(8)
+                            .map(|(i, (x, y))| format!("+{i:#x}:{x:#04x}->{y:#04x}"))
+                            .collect();
+                        detail = format!(" first page {gpa:#x}: {}", diff.join(" "));
+                    }
+                    changed.push(gpa);
+                }
+            }
+            off += len;
+        }
+    }
+    let first: Vec<String> = changed.iter().take(16).map(|g| format!("{g:#x}")).collect();
+    Ok(format!(
+        "{} page(s) differ from memory at the instant: [{}]{detail}",
+        changed.len(),
+        first.join(", ")
+    ))
+}
+
 /// A snapshot between arm and the end of streaming.
 pub struct ArmedSnapshot {
     shared: Arc<Shared>,
@@ -355,6 +410,8 @@ pub struct ArmedSnapshot {
     protect_us: u64,
     window_pages: u64,
     frozen_at: Option<Instant>,
+    /// Memory at the instant (with [`CHECK_SNAPSHOT_ENV`]).
+    golden: Option<Vec<Vec<u8>>>,
 }
 
 impl Tracker {
@@ -412,6 +469,7 @@ impl Tracker {
             protect_us: 0,
             window_pages: 0,
             frozen_at: None,
+            golden: None,
         };
         let t0 = Instant::now();
         for r in &self.regions {
@@ -439,6 +497,33 @@ fn ranges(mut pages: Vec<usize>) -> Vec<(usize, usize)> {
     out
 }
 
+/// Appends [`compare_with_file`]'s finding to [`CHECK_SNAPSHOT_ENV`]'s file.
+fn report_snapshot_check(f: &MemoryFileWriter, regions: &[GuestRegion], golden: &[Vec<u8>]) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os(CHECK_SNAPSHOT_ENV) else {
+        return;
+    };
+    let line = match compare_with_file(f.file(), regions, golden) {
+        Ok(l) => l,
+        Err(e) => format!("cannot compare: {e}"),
+    };
+    if !line.starts_with("0 page(s)") {
+        tracing::error!("snapshot check: {}: {line}", f.path().display());
+    }
+    if let Ok(mut out) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(
+            out,
+            "pid {} {}: {line}",
+            std::process::id(),
+            f.path().display()
+        );
+    }
+}
+
 impl ArmedSnapshot {
     /// Slows streaming down by `delay` per 2 MiB chunk (a test hook that
     /// widens the window for crash tests; zero by default).
@@ -459,6 +544,19 @@ impl ArmedSnapshot {
         }
         if self.shared.file.set(file).is_err() {
             return Err(LiveError::Failed("snapshot frozen twice".into()));
+        }
+        if std::env::var_os(CHECK_SNAPSHOT_ENV).is_some() {
+            let golden = self
+                .shared
+                .regions
+                .iter()
+                .map(|r| {
+                    // SAFETY: guest RAM, mapped for the VM's lifetime; the
+                    // guest is paused and the devices quiesced.
+                    unsafe { std::slice::from_raw_parts(r.host as *const u8, r.len) }.to_vec()
+                })
+                .collect();
+            self.golden = Some(golden);
         }
         *mode = Mode::Copy;
         self.frozen_at = Some(Instant::now());
@@ -528,6 +626,9 @@ impl ArmedSnapshot {
                 std::thread::sleep(Duration::from_micros(50));
             }
             s.drain_pending()?;
+            if let (Some(golden), Some(f)) = (&self.golden, s.file.get()) {
+                report_snapshot_check(f, &s.regions, golden);
+            }
             progress(total, total);
             s.failed().map_or(Ok(()), |e| Err(LiveError::Failed(e)))
         })();
