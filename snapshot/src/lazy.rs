@@ -351,12 +351,16 @@ impl Shared {
     }
 }
 
-/// Debug aid: when set to a file path, a copy of the memory an apply
-/// replaces is kept, and one second later (before it is freed) compared
-/// with the memory itself; a line per apply goes to that file. Nothing may
-/// write to that memory once it is moved away (KVM no longer maps it), so
-/// a change means a vCPU still wrote through a stale translation.
+/// Debug aid: when set to a file path, the memory an apply replaces is
+/// filled with [`POISON`] right after the apply (on a background thread) and kept for a
+/// second before it is freed; then any page that no longer holds only the
+/// poison is reported (a line per apply goes to that file). Nothing may
+/// touch that memory once it has left guest RAM (KVM no longer maps it): a
+/// changed page is a write through a stale translation, and a guest that
+/// reads through one sees the poison (e.g. 0xabab in a 16-bit index).
 pub const CHECK_OLD_MEMORY_ENV: &str = "SNAPVM_DEBUG_CHECK_OLD_MEMORY";
+/// The byte [`CHECK_OLD_MEMORY_ENV`] fills old memory with.
+pub const POISON: u8 = 0xab;
 
 /// Guest memory moved out of the way by [`replace_mapping`]; unmapped on
 /// drop.
@@ -365,40 +369,33 @@ struct OldMemory {
     len: usize,
     /// Guest-physical address of the region (for [`CHECK_OLD_MEMORY_ENV`]).
     gpa: u64,
-    /// Its content when it was moved away (with [`CHECK_OLD_MEMORY_ENV`]).
-    copy: Option<Vec<u8>>,
 }
 
 impl OldMemory {
-    fn keep_copy(&mut self) {
-        let mut copy = vec![0u8; self.len];
-        // SAFETY: the old pages, mapped readable at `addr` for `len` bytes
-        // until this value is dropped.
-        let old = unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) };
-        copy.copy_from_slice(old);
-        self.copy = Some(copy);
+    fn poison(&self) {
+        // SAFETY: the old pages, mapped writable at `addr` for `len` bytes
+        // until this value is dropped; nothing else refers to them.
+        unsafe { std::ptr::write_bytes(self.addr as *mut u8, POISON, self.len) };
     }
 
-    /// Compares the memory with its copy; a report line (None without a copy).
-    fn changes(&self) -> Option<String> {
-        let copy = self.copy.as_ref()?;
-        // SAFETY: as in keep_copy.
+    /// Pages that no longer hold only the poison; a report line.
+    fn changes(&self) -> String {
+        // SAFETY: as in poison; only read.
         let now = unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) };
-        let changed: Vec<u64> = copy
+        let changed: Vec<u64> = now
             .chunks(4096)
-            .zip(now.chunks(4096))
             .enumerate()
-            .filter(|(_, (a, b))| a != b)
+            .filter(|(_, p)| p.iter().any(|b| *b != POISON))
             .map(|(i, _)| self.gpa + (i as u64) * 4096)
             .collect();
         let first: Vec<String> = changed.iter().take(8).map(|g| format!("{g:#x}")).collect();
-        Some(format!(
+        format!(
             "region {:#x}+{:#x}: {} page(s) changed after the move; first: [{}]",
             self.gpa,
             self.len,
             changed.len(),
             first.join(", ")
-        ))
+        )
     }
 }
 
@@ -452,7 +449,6 @@ fn replace_mapping(host: usize, len: usize, huge: bool) -> std::io::Result<OldMe
         addr: moved as usize,
         len,
         gpa: 0,
-        copy: None,
     };
     // SAFETY: replaces the (now empty) guest RAM mapping with a fresh one
     // at the same address, atomically; the VMM and KVM keep using it.
@@ -515,15 +511,11 @@ impl LazyLoader {
         };
         // Fresh memory first: the old pages leave with their write-protect
         // state, so unregistering has nothing left to walk.
-        let check_old = std::env::var_os(CHECK_OLD_MEMORY_ENV).is_some();
         let mut old = Vec::new();
         for r in regions {
             let mut o = replace_mapping(r.host, r.len, huge_pages)
                 .map_err(|e| err(format!("cannot replace guest memory: {e}")))?;
             o.gpa = r.gpa;
-            if check_old {
-                o.keep_copy();
-            }
             old.push(o);
         }
         wp.unregister().map_err(|e| err(e.to_string()))?;
@@ -586,8 +578,9 @@ impl LazyLoader {
     /// during that load stalled an apply by ~70 ms per GiB.
     pub fn free_old_memory(&mut self) {
         let old = std::mem::take(&mut self.old);
-        if old.iter().any(|o| o.copy.is_some()) {
+        if std::env::var_os(CHECK_OLD_MEMORY_ENV).is_some() {
             std::thread::spawn(move || {
+                old.iter().for_each(OldMemory::poison);
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 report_old_memory_changes(&old);
             });
@@ -641,17 +634,16 @@ fn report_old_memory_changes(old: &[OldMemory]) {
         return;
     };
     for o in old {
-        if let Some(line) = o.changes() {
-            if !line.contains(": 0 page(s)") {
-                tracing::error!("old guest memory changed after an apply: {line}");
-            }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path);
-            if let Ok(mut f) = file {
-                let _ = writeln!(f, "pid {} {line}", std::process::id());
-            }
+        let line = o.changes();
+        if !line.contains(": 0 page(s)") {
+            tracing::error!("old guest memory changed after an apply: {line}");
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path);
+        if let Ok(mut f) = file {
+            let _ = writeln!(f, "pid {} {line}", std::process::id());
         }
     }
 }
