@@ -454,12 +454,16 @@ pub fn resize_tmpfs(dir: &std::path::Path, size: &str) {
     assert!(st.success(), "remount {} size={size}", dir.display());
 }
 
-/// Stops the VM in `<dir>/vm` and unmounts the tmpfs on `dir` when dropped.
+/// Stops the VM in `<dir>/vm`, unmounts the tmpfs on `dir` and removes `dir`
+/// when dropped.
 pub struct Unmount(pub std::path::PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
         let _ = snapvm(&["stop", "--force", self.0.join("vm").to_str().unwrap()]);
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        // The mount point itself (empty once unmounted; a tmpfs keeps
+        // nothing for a post-mortem anyway).
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
