@@ -865,8 +865,6 @@ impl Vm {
     }
 }
 
-/// Loads memory.bin into guest RAM, verifying every chunk; zero pages are
-/// not touched (they stay unpopulated).
 /// Registers guest memory with KVM, one slot per region (`present`), or
 /// removes it. An apply removes it while the vCPUs are paused and guest
 /// memory is replaced, the guest's own page tables included: KVM learns of
