@@ -210,7 +210,12 @@ impl Shared {
             .map(|_| ())
             .map_err(|e| std::io::Error::other(e.to_string()))
         };
-        placed.map_err(|e| format!("cannot place memory at {gpa:#x}: {e}"))
+        placed.map_err(|e| {
+            format!(
+                "cannot place memory from {} at {gpa:#x}: {e}",
+                self.file.path().display()
+            )
+        })
     }
 
     /// Reads chunk `i` (verified) into `staging`; with `check_zero`,
@@ -277,7 +282,10 @@ impl Shared {
             Err(e) => {
                 // Nothing can be loaded: fail the VM, and release its
                 // threads with zeroes.
-                let e = format!("cannot map a staging buffer: {e}");
+                let e = format!(
+                    "cannot map a staging buffer to load {}: {e}",
+                    self.file.path().display()
+                );
                 self.error
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

@@ -15,6 +15,10 @@ pub enum ClientError {
     /// Nothing listens on the socket: the VM is not running.
     #[error("the VM is not running (no VMM answers on {0})")]
     NotRunning(PathBuf),
+    /// The VMM took the request and closed the connection without an
+    /// answer: it was stopping.
+    #[error("the VMM on {0} closed the connection without answering (it is stopping)")]
+    Closed(PathBuf),
     /// I/O on the socket failed.
     #[error("talking to the VMM on {path}: {source}")]
     Io {
@@ -37,7 +41,8 @@ pub enum ClientError {
 }
 
 /// Sends one request; returns the JSON body of a 2xx response. A GET whose
-/// connection is reset (the VMM starting or stopping) is retried briefly.
+/// connection is reset or closed unanswered (the VMM starting or stopping)
+/// is retried briefly.
 pub fn request(
     socket: &Path,
     method: &str,
@@ -46,15 +51,16 @@ pub fn request(
 ) -> Result<Value, ClientError> {
     let mut attempt = 0;
     loop {
+        let retry = |e: &ClientError| match e {
+            ClientError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ),
+            ClientError::Closed(_) => true,
+            _ => false,
+        };
         match request_once(socket, method, path, body) {
-            Err(ClientError::Io { source, .. })
-                if method == "GET"
-                    && attempt < 5
-                    && matches!(
-                        source.kind(),
-                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-                    ) =>
-            {
+            Err(e) if method == "GET" && attempt < 5 && retry(&e) => {
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -91,6 +97,9 @@ fn request_once(
     s.write_all(payload.as_bytes()).map_err(io)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(io)?;
+    if raw.is_empty() {
+        return Err(ClientError::Closed(socket.to_path_buf()));
+    }
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let off = match resp.parse(&raw) {
@@ -114,5 +123,49 @@ fn request_once(
             .map(str::to_string)
             .unwrap_or_else(|| format!("HTTP {status}"));
         Err(ClientError::Api { status, message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    fn socket_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("snapvm-api-client-{name}-{}", std::process::id()))
+    }
+
+    /// A VMM that reads a request and exits without answering: the CLI
+    /// says so (instead of "malformed response"), and a GET retried after
+    /// the socket is gone says the VM is not running.
+    #[test]
+    fn a_connection_closed_unanswered_is_reported_as_a_stopping_vmm() {
+        let path = socket_path("closed");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let p = path.clone();
+        let vmm = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (s, _) = listener.accept().unwrap();
+                // Read the request head, then hang up.
+                let mut r = std::io::BufReader::new(&s);
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                    line.clear();
+                }
+            }
+            std::fs::remove_file(&p).unwrap();
+        });
+        let put = request_once(&path, "PUT", "/vm/state", None);
+        assert!(matches!(put, Err(ClientError::Closed(_))), "{put:?}");
+        let get = request(&path, "GET", "/vm", None);
+        vmm.join().unwrap();
+        assert!(matches!(get, Err(ClientError::NotRunning(_))), "{get:?}");
+        let text = ClientError::Closed(path).to_string();
+        assert!(
+            text.contains("closed the connection without answering"),
+            "{text}"
+        );
     }
 }

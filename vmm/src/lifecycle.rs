@@ -21,6 +21,10 @@ use snapshot::tree::{PowerState, Tree};
 /// How long `start` and `stop` wait for the VMM.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// How long `status` waits for a VMM that is starting or stopping to
+/// answer or exit before it reports what the VM directory says.
+const STATUS_WAIT: Duration = Duration::from_secs(5);
+
 /// Errors of lifecycle commands.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -183,7 +187,8 @@ pub fn start_from(root: &Path, paused: bool, from: Option<&str>) -> Result<Value
                     v["pid"].to_string(),
                 ));
             }
-            Err(ClientError::NotRunning(_)) => {}
+            // Not bound yet, or exiting (the next round reads why).
+            Err(ClientError::NotRunning(_) | ClientError::Closed(_)) => {}
             Err(e) => return Err(e.into()),
         }
         if Instant::now() > deadline {
@@ -255,10 +260,19 @@ pub fn set_state(root: &Path, target: &str) -> Result<Value, LifecycleError> {
 pub fn status(root: &Path) -> Result<Value, LifecycleError> {
     let dir = VmDir::open(root)?;
     let toml = dir.load()?;
-    if is_running(&dir) {
+    // A VMM that holds the lock but does not answer is starting (its
+    // socket is not bound yet) or stopping (it writes last-exit.json, then
+    // lets go of the lock): ask again until it answers or is gone.
+    let deadline = Instant::now() + STATUS_WAIT;
+    while is_running(&dir) {
         match api_client::request(&dir.api_socket(), "GET", "/vm", None) {
             Ok(v) => return Ok(v),
-            Err(ClientError::NotRunning(_)) => {} // starting or stopping
+            Err(ClientError::NotRunning(_) | ClientError::Closed(_))
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(ClientError::NotRunning(_) | ClientError::Closed(_)) => break,
             Err(e) => return Err(e.into()),
         }
     }
@@ -589,7 +603,10 @@ pub fn snapshot_apply(
             // last answer may be cut off): the tree tells whether it was
             // applied.
             Err(LifecycleError::Client(
-                ClientError::NotRunning(_) | ClientError::Io { .. } | ClientError::Malformed(_),
+                ClientError::NotRunning(_)
+                | ClientError::Closed(_)
+                | ClientError::Io { .. }
+                | ClientError::Malformed(_),
             )) if target.power_state == PowerState::Off => {
                 let deadline = Instant::now() + WAIT;
                 while is_running(&dir) && Instant::now() < deadline {

@@ -703,7 +703,7 @@ impl Vm {
         // Check the memory file before anything is touched.
         let file = MemoryFile::open(memory)?;
         file.check_layout(&regions)?;
-        let replaced = self.replace_state(state, file, memory, disks, eager);
+        let replaced = self.replace_state(state, file, disks, eager);
         if let Err(e) = &replaced {
             // Part of the VM's state is the snapshot's by now: stop it
             // rather than let it resume on a mix of two states.
@@ -719,7 +719,6 @@ impl Vm {
         &self,
         state: MachineState,
         file: MemoryFile,
-        memory: &Path,
         disks: &[PathBuf],
         eager: bool,
     ) -> Result<(), VmError> {
@@ -736,8 +735,8 @@ impl Vm {
         }
         // A chunk that fails its checksum (or cannot be placed) stops the VM
         // with the reason rather than letting it run on wrong memory.
+        // The loader's messages name memory.bin.
         let sink = self.sink.clone();
-        let memory_path = memory.display().to_string();
         // KVM lets go of guest memory before it is replaced, and gets it
         // back once the new memory is in place (see `set_memslots`).
         set_memslots(
@@ -750,11 +749,7 @@ impl Vm {
             self.tracker.regions(),
             file,
             self.tracker.write_protector().clone(),
-            Box::new(move |e| {
-                sink.fail(crate::vcpu::VcpuFailure::MemoryLoad(format!(
-                    "{memory_path}: {e}"
-                )))
-            }),
+            Box::new(move |e| sink.fail(crate::vcpu::VcpuFailure::MemoryLoad(e.to_string()))),
             crate::backend_quirks::huge_pages(self.config.huge_pages),
         )
         .map_err(|e| VmError::StateMismatch(e.to_string()));
