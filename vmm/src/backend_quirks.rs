@@ -23,11 +23,27 @@
 //! | AMD EPYC  | pinned       | 4 KiB      | 100    | 0      |
 //!
 //! So it depends on the host machine under the backend too, and neither
-//! workaround removes it: full test-suite runs failed the same way with
-//! pinned vCPUs and huge pages, and with both on (one of four clean-clone
+//! workaround removed it: full test-suite runs failed the same way with
+//! pinned vCPUs and huge pages, and with both on (one of two clean-clone
 //! runs on the AMD host, in merge.rs, where deletes merge and remove disk
-//! layers around applies). They lowered the stress pattern's rate where it
-//! showed, so on `kvm_pvm` both are on by default ([`PinVcpus::Auto`],
+//! layers around applies).
+//!
+//! It has not been seen since two changes made within the same hour: the
+//! memory slots are removed *before* the old pages leave (they used to be
+//! removed after; `set_memslots` in vm.rs), and a pausing vCPU no longer
+//! parks halfway through an MMIO or port access (`Checkpoint::FinishIo` in
+//! vcpu.rs). Clean-clone test-suite runs on the AMD host since then:
+//!
+//! | code                                    | runs | failed |
+//! |-----------------------------------------|------|--------|
+//! | both changes                            | 12   | 0      |
+//! | only the slot order (pause window back) | 3    | 0      |
+//! | only the pause fix (old slot order)     | 6    | 0      |
+//!
+//! (before both: 1 of 2 failed). Which change fixed it, if either did
+//! rather than the rate being lower than two runs suggested, is not known.
+//! The workarounds lowered the stress pattern's rate where it showed, so on
+//! `kvm_pvm` both stay on by default ([`PinVcpus::Auto`],
 //! [`HugePages::Auto`]); hardware KVM needs neither (it flushes when a vCPU
 //! moves), and there guest RAM uses huge pages, which make applies faster.
 //!
