@@ -50,7 +50,7 @@ pub fn for_vcpu(supported: &CpuId, apic_id: u8, cpus: u8) -> CpuId {
     c
 }
 
-/// Guest physical address bits (leaf 0x80000008 EAX[7:0]), or 36 if absent.
+/// Guest physical address bits (leaf 0x80000008 EAX bits 7..0), or 36 if absent.
 pub fn phys_bits(supported: &CpuId) -> u32 {
     supported
         .as_slice()
