@@ -36,7 +36,7 @@
 //!
 //! | code                                    | runs | failed |
 //! |-----------------------------------------|------|--------|
-//! | both changes                            | 12   | 0      |
+//! | both changes                            | 13   | 0      |
 //! | only the slot order (pause window back) | 3    | 0      |
 //! | only the pause fix (old slot order)     | 6    | 0      |
 //!
