@@ -51,21 +51,26 @@ pub fn request(
 ) -> Result<Value, ClientError> {
     let mut attempt = 0;
     loop {
-        let retry = |e: &ClientError| match e {
-            ClientError::Io { source, .. } => matches!(
-                source.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ),
-            ClientError::Closed(_) => true,
-            _ => false,
-        };
         match request_once(socket, method, path, body) {
-            Err(e) if method == "GET" && attempt < 5 && retry(&e) => {
+            Err(e) if method == "GET" && attempt < 5 && is_transient(&e) => {
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
             other => return other,
         }
+    }
+}
+
+/// Whether `e` is what a VMM that is starting or stopping gives: a reset,
+/// or a connection closed without an answer.
+fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Io { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        ClientError::Closed(_) => true,
+        _ => false,
     }
 }
 
