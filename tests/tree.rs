@@ -336,13 +336,23 @@ fn an_apply_that_fails_midway_stops_the_vm_instead_of_resuming_it() {
     // apply only fails once it is loading vCPU state, after guest memory
     // was replaced.
     let state = vm.dir.join("snapshots").join(&b).join("state.bin");
-    let mut v: Value = snapshot::state_file::read(&state).unwrap();
+    // state.bin (docs/formats.md): a list of component states; the vCPUs'
+    // is the one with id "vcpus".
+    let (version, payload) = snapshot::state_file::read(&state, 2).unwrap();
+    assert_eq!(version, 2);
+    let mut v: Value = snapshot::state_file::decode(&state, &payload).unwrap();
+    let vcpus = v["components"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["id"] == "vcpus")
+        .unwrap();
     const CR0_OFFSET: usize = 8 * 24 + 2 * 16; // kvm_sregs: 8 segments, 2 tables
-    let cr0 = &mut v["vcpus"][1]["sregs"][CR0_OFFSET];
+    let cr0 = &mut vcpus["state"][1]["sregs"][CR0_OFFSET];
     let bit0 = cr0.as_u64().unwrap();
     assert_eq!(bit0 & 1, 1, "the guest runs in protected mode");
     *cr0 = Value::from(bit0 & !1);
-    snapshot::state_file::write(&state, &v).unwrap();
+    snapshot::state_file::write(&state, version, &v).unwrap();
 
     let r = vm.cli2(&["snapshot", "apply"], &[&b]);
     assert_ne!(r.code(), 0, "{r:?}");

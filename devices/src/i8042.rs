@@ -7,6 +7,7 @@ use vm_superio::{I8042Device, Trigger};
 
 use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, GuestExit};
+use crate::persist::Persist;
 
 /// First port of the i8042 (data); the command port is base + 4.
 pub const I8042_PORT: u16 = 0x60;
@@ -36,6 +37,28 @@ impl I8042 {
         Self {
             inner: I8042Device::new(ResetTrigger(notifier)),
         }
+    }
+}
+
+/// The i8042's state: none. vm-superio's model keeps no registers (it
+/// answers the reset command and reads back fixed values), so there is
+/// nothing to carry over; the component still has a place in a snapshot
+/// so that a later model with state can add it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    type Error = std::convert::Infallible;
+    const KIND: &'static str = "i8042";
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<I8042State, Self::Error> {
+        Ok(I8042State {})
+    }
+
+    fn restore(&mut self, _state: I8042State) -> Result<(), Self::Error> {
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
+use crate::persist::Persist;
 
 /// Base port of COM1.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -23,9 +24,20 @@ pub const COM1_IRQ: u32 = 4;
 /// Where guest console output goes.
 pub type SerialOutput = Box<dyn Write + Send>;
 
+/// Errors restoring the UART.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// vm-superio refused the state (e.g. more input than its FIFO holds).
+    #[error("invalid UART state: {0}")]
+    State(#[from] vm_superio::serial::Error<std::io::Error>),
+    /// The interrupt line could not be carried over.
+    #[error("cannot carry the UART's interrupt line over: {0}")]
+    Irq(std::io::Error),
+}
+
 /// The UART's registers and receive FIFO, as saved in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialSnapshot {
+pub struct UartState {
     /// Divisor latch, low byte.
     pub baud_divisor_low: u8,
     /// Divisor latch, high byte.
@@ -48,7 +60,7 @@ pub struct SerialSnapshot {
     pub in_buffer: Vec<u8>,
 }
 
-impl From<SerialState> for SerialSnapshot {
+impl From<SerialState> for UartState {
     fn from(s: SerialState) -> Self {
         Self {
             baud_divisor_low: s.baud_divisor_low,
@@ -65,8 +77,8 @@ impl From<SerialState> for SerialSnapshot {
     }
 }
 
-impl From<&SerialSnapshot> for SerialState {
-    fn from(s: &SerialSnapshot) -> Self {
+impl From<&UartState> for SerialState {
+    fn from(s: &UartState) -> Self {
         SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -95,34 +107,6 @@ impl SerialDevice {
         }
     }
 
-    /// Recreates a UART from a snapshot.
-    pub fn from_snapshot(
-        snap: &SerialSnapshot,
-        irq: IrqLine,
-        out: SerialOutput,
-    ) -> std::io::Result<Self> {
-        let uart = Serial::from_state(&SerialState::from(snap), irq, NoEvents, out)
-            .map_err(|e| std::io::Error::other(format!("invalid serial state: {e:?}")))?;
-        Ok(Self { uart })
-    }
-
-    /// Loads a snapshot's registers and FIFO into this UART, keeping its
-    /// interrupt line and output.
-    pub fn restore(&mut self, snap: &SerialSnapshot) -> std::io::Result<()> {
-        let placeholder = Serial::new(IrqLine::new()?, Box::new(std::io::sink()) as SerialOutput);
-        let old = std::mem::replace(&mut self.uart, placeholder);
-        let irq = IrqLine::from_eventfd(old.interrupt_evt().eventfd().try_clone()?);
-        let out = old.into_writer();
-        self.uart = Serial::from_state(&SerialState::from(snap), irq, NoEvents, out)
-            .map_err(|e| std::io::Error::other(format!("invalid serial state: {e:?}")))?;
-        Ok(())
-    }
-
-    /// The UART's state for a snapshot.
-    pub fn snapshot(&self) -> SerialSnapshot {
-        self.uart.state().into()
-    }
-
     /// The interrupt line (to register with KVM).
     pub fn irq(&self) -> &IrqLine {
         self.uart.interrupt_evt()
@@ -144,6 +128,34 @@ impl SerialDevice {
     /// Flushes buffered guest output.
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
+    }
+}
+
+impl Persist for SerialDevice {
+    type State = UartState;
+    type Error = SerialError;
+    const KIND: &'static str = "uart-16550a";
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<UartState, SerialError> {
+        Ok(self.uart.state().into())
+    }
+
+    /// Loads the registers and FIFO, keeping the interrupt line and output.
+    /// A state vm-superio refuses changes nothing.
+    fn restore(&mut self, state: UartState) -> Result<(), SerialError> {
+        let irq = IrqLine::from_eventfd(
+            self.uart
+                .interrupt_evt()
+                .eventfd()
+                .try_clone()
+                .map_err(SerialError::Irq)?,
+        );
+        let sink: SerialOutput = Box::new(std::io::sink());
+        let mut uart = Serial::from_state(&SerialState::from(&state), irq, NoEvents, sink)?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        Ok(())
     }
 }
 
@@ -243,12 +255,17 @@ mod tests {
         s.write(3, &[0x03]);
         s.write(1, &[0x01]);
         s.enqueue_input(b"ab");
-        let snap = s.snapshot();
-        let r =
-            SerialDevice::from_snapshot(&snap, IrqLine::new().unwrap(), Box::new(std::io::sink()))
-                .unwrap();
-        assert_eq!(r.snapshot(), snap);
+        let snap = s.save().unwrap();
+        let mut r = SerialDevice::new(IrqLine::new().unwrap(), Box::new(std::io::sink()));
+        r.restore(snap.clone()).unwrap();
+        assert_eq!(r.save().unwrap(), snap);
         assert_eq!(snap.in_buffer, b"ab");
         assert_eq!(snap.baud_divisor_low, 0x0c);
+        // More input than the FIFO holds is refused, and the UART keeps
+        // working with its state unchanged.
+        let mut too_much = snap.clone();
+        too_much.in_buffer = vec![b'x'; 1000];
+        assert!(r.restore(too_much).is_err());
+        assert_eq!(r.save().unwrap(), snap);
     }
 }

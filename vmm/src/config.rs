@@ -79,9 +79,9 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them.
     pub disks: Vec<DiskConfig>,
     /// Whether vCPU threads are pinned to host CPUs.
-    pub pin_vcpus: crate::backend_quirks::PinVcpus,
+    pub pin_vcpus: crate::machine::backend_quirks::PinVcpus,
     /// Whether guest RAM may use transparent huge pages.
-    pub huge_pages: crate::backend_quirks::HugePages,
+    pub huge_pages: crate::machine::backend_quirks::HugePages,
 }
 
 impl VmConfig {
@@ -163,8 +163,8 @@ mod tests {
             memory: 256 << 20,
             vcpus: 1,
             disks: vec![],
-            pin_vcpus: crate::backend_quirks::PinVcpus::Auto,
-            huge_pages: crate::backend_quirks::HugePages::Auto,
+            pin_vcpus: crate::machine::backend_quirks::PinVcpus::Auto,
+            huge_pages: crate::machine::backend_quirks::HugePages::Auto,
         };
         assert_eq!(c.validate(), Ok(()));
         c.memory = 0;

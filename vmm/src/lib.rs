@@ -1,25 +1,20 @@
-//! snapvm's virtual machine monitor: KVM VMs and vCPUs, guest memory, boot,
-//! and the `snapvm` command line.
+//! snapvm's virtual machine monitor, in three layers (docs/architecture.md):
+//!
+//! - [`cli`]: the `snapvm` command line: commands, rendering, the API client;
+//! - [`daemon`]: the VMM process of a VM directory: API server, jobs, the
+//!   session that owns the VM, snapshot orchestration, merges;
+//! - [`machine`]: the KVM machine: VM and vCPUs, guest memory, boot, CPUID,
+//!   and the state of its components.
+//!
+//! Data flows one way, from the command line to the files. Shared by all
+//! layers: the VM directory ([`vmdir`]) and its configuration ([`config`]).
+//! Benchmarks are in [`bench`].
 
-pub mod api_client;
-pub mod api_server;
-pub mod backend_quirks;
+pub mod api;
 pub mod bench;
-pub mod block;
-pub mod boot;
+pub mod cli;
 pub mod config;
-pub mod console;
-pub mod cpuid;
 pub mod daemon;
-pub mod jobs;
-pub mod layout;
-pub mod lifecycle;
-pub mod memory;
-pub mod merges;
-pub mod run;
-pub mod snapshots;
-pub mod vcpu;
-pub mod vcpu_state;
-pub mod vm;
-pub mod vm_state;
+pub mod hooks;
+pub mod machine;
 pub mod vmdir;

@@ -1,5 +1,5 @@
-//! The VM directory: `vm.toml`, base disks, logs and runtime files, as
-//! DESIGN.md §4 lays them out. A VM directory is self-contained and movable:
+//! The VM directory: `vm.toml`, disks and their layers, snapshots, logs
+//! and runtime files, and the paths of each. A VM directory is self-contained and movable:
 //! every path inside it is stored relative to it.
 //!
 //! ```text
@@ -8,15 +8,20 @@
 //! VMDIR/disks/<disk>.raw|qcow2  base images; later differencing layers
 //! VMDIR/logs/serial.log         guest console output
 //! VMDIR/logs/vmm.log            the VMM's own log
+//! VMDIR/logs/last-exit.json     how the VMM last ended
 //! VMDIR/run/                    api.sock, console.sock, pid, lock
+//! VMDIR/snapshots/tree.json     the snapshot tree and "Now"
+//! VMDIR/snapshots/<id>/         vm.toml, state.bin, memory.bin of a snapshot
 //! ```
+//!
+//! docs/formats.md describes each file.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend_quirks::{HugePages, PinVcpus};
 use crate::config::{parse_size, DiskConfig, VmConfig, MAX_DISKS};
+use crate::machine::backend_quirks::{HugePages, PinVcpus};
 
 /// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -185,6 +190,40 @@ impl VmDir {
     pub fn lock_file(&self) -> PathBuf {
         self.run_dir().join("lock")
     }
+    /// logs/last-exit.json: how the VMM last ended.
+    pub fn last_exit_file(&self) -> PathBuf {
+        self.logs_dir().join("last-exit.json")
+    }
+    /// snapshots/.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+    /// snapshots/tree.json.
+    pub fn tree_path(&self) -> PathBuf {
+        self.snapshots_dir().join("tree.json")
+    }
+    /// snapshots/<id>/: a published snapshot's files.
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_dir().join(id)
+    }
+    /// snapshots/<id>.partial/: a snapshot being assembled.
+    pub fn partial_snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_dir().join(format!("{id}.partial"))
+    }
+    /// disks/<disk>.<tag>.qcow2: a differencing layer of disk `disk`
+    /// (`tag`: the first 8 characters of the snapshot id that made it, or
+    /// of a random id for an apply's working layer).
+    pub fn layer_path(&self, disk: &str, tag: &str) -> PathBuf {
+        self.disks_dir().join(format!("{disk}.{tag}.qcow2"))
+    }
+
+    /// `p` relative to the directory (as vm.toml and tree.json store
+    /// paths), or `p` itself if it lies outside.
+    pub fn relative(&self, p: &Path) -> PathBuf {
+        p.strip_prefix(&self.root)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
 
     /// Checks that both sockets' paths fit a Unix socket address.
     pub fn check_socket_paths(&self) -> Result<(), VmDirError> {
@@ -310,6 +349,35 @@ impl VmDir {
         )
     }
 
+    /// Reads a configuration copy (a snapshot's vm.toml) without checking
+    /// the files it names.
+    pub fn read_config_copy(path: &Path) -> Result<VmToml, VmDirError> {
+        let text = std::fs::read_to_string(path).map_err(|source| VmDirError::Io {
+            what: "cannot read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| VmDirError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().replace('\n', " ").trim().to_string(),
+        })
+    }
+
+    /// Writes a configuration copy (a snapshot's vm.toml) atomically.
+    pub fn write_config_copy(path: &Path, t: &VmToml) -> Result<(), VmDirError> {
+        let text = toml::to_string_pretty(t).map_err(|e| VmDirError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        snapshot::atomic_file::write_atomic(path, text.as_bytes()).map_err(|source| {
+            VmDirError::Io {
+                what: "cannot write",
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
     /// The runnable configuration of `t`.
     pub fn vm_config(&self, t: &VmToml) -> Result<VmConfig, VmDirError> {
         Ok(VmConfig {
@@ -386,7 +454,7 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
         key: "memory".into(),
         message: e.to_string(),
     })?;
-    crate::boot::detect_format(&req.kernel).map_err(|e| VmDirError::Key {
+    crate::machine::boot::detect_format(&req.kernel).map_err(|e| VmDirError::Key {
         path: root.join("vm.toml"),
         key: "kernel".into(),
         message: e.to_string(),

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::VirtioDevice;
 use super::{QueueSnapshot, VirtioInterrupt};
+use crate::persist::Persist;
 
 /// Virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -410,14 +411,25 @@ impl VirtioDevice for Block {
         self.stop_worker();
     }
 
-    fn quiesce(&mut self) -> Vec<QueueSnapshot> {
-        let Some(w) = &self.worker else {
-            return vec![];
-        };
-        w.active.paused.store(true, Ordering::SeqCst);
-        // Taking the lock waits for the request batch in flight.
-        let q = w.active.queue.lock().unwrap_or_else(|e| e.into_inner());
-        vec![q.state().into()]
+    fn quiesce(&mut self) {
+        if let Some(w) = &self.worker {
+            w.active.paused.store(true, Ordering::SeqCst);
+            // Taking the lock waits for the request batch in flight.
+            drop(w.active.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+
+    fn queue_states(&self) -> Vec<QueueSnapshot> {
+        match &self.worker {
+            Some(w) => vec![w
+                .active
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state()
+                .into()],
+            None => vec![],
+        }
     }
 
     fn unquiesce(&mut self) {
@@ -427,6 +439,67 @@ impl VirtioDevice for Block {
             // Requests queued while quiesced.
             let _ = w.notify.write(1);
         }
+    }
+}
+
+/// What the guest was told about the disk (its configuration space), as
+/// saved in a snapshot: a restore onto a disk that differs is refused
+/// rather than let the guest run on a disk that changed under it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    /// Capacity in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Whether the device was read-only.
+    pub readonly: bool,
+}
+
+/// A restore onto a disk that differs from the saved one.
+#[derive(Debug, thiserror::Error)]
+#[error("the snapshot's disk had {saved_sectors} sectors{}, this one has {sectors}{}",
+    if *.saved_readonly { " (read-only)" } else { "" },
+    if *.readonly { " (read-only)" } else { "" })]
+pub struct BlockMismatch {
+    /// Capacity saved.
+    pub saved_sectors: u64,
+    /// Read-only saved.
+    pub saved_readonly: bool,
+    /// Capacity now.
+    pub sectors: u64,
+    /// Read-only now.
+    pub readonly: bool,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    type Error = BlockMismatch;
+    const KIND: &'static str = "virtio-blk";
+    const VERSION: u32 = 1;
+
+    fn save(&self) -> Result<BlockState, BlockMismatch> {
+        Ok(BlockState {
+            capacity_sectors: self.handler.backend.size() / SECTOR_SIZE,
+            readonly: self.readonly,
+        })
+    }
+
+    /// The disk must be the one the guest knew.
+    fn check(&self, state: &BlockState) -> Result<(), BlockMismatch> {
+        let now = self.save()?;
+        if now != *state {
+            return Err(BlockMismatch {
+                saved_sectors: state.capacity_sectors,
+                saved_readonly: state.readonly,
+                sectors: now.capacity_sectors,
+                readonly: now.readonly,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that the disk is the one the guest knew; the queues are the
+    /// transport's to restore.
+    fn restore(&mut self, state: BlockState) -> Result<(), BlockMismatch> {
+        self.check(&state)
     }
 }
 

@@ -1,0 +1,389 @@
+//! The command line's arguments (clap): every command, its options and
+//! its `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// snapvm: a KVM virtual machine monitor for test guests, built around live
+/// snapshots.
+#[derive(Parser)]
+#[command(name = "snapvm", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    /// The command.
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a kernel in the foreground with the serial console on stdin/stdout.
+    ///
+    /// The exit status is the guest's: the byte it writes to I/O port 0x501
+    /// (isa-debug-exit convention), 0 when it resets or powers off, 1 when a
+    /// vCPU fails (the reason is printed), 130 on Ctrl-C.
+    Run(RunArgs),
+    /// Benchmarks that print a table next to a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Disk images: create qcow2 images and differencing layers, show chains.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Create a VM directory (VMDIR/vm.toml, disks/, kernel/, logs/, run/).
+    ///
+    /// The kernel, initrd and disks are copied into the directory so it is
+    /// self-contained and movable; --link references them in place instead.
+    Create(CreateArgs),
+    /// Start the VM of VMDIR in a background VMM process; returns when the
+    /// guest runs (or is paused, with --paused).
+    Start {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Create the VM but leave its vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+        /// Continue from this snapshot (id, unique id prefix or unique name)
+        /// instead of booting: its memory, vCPU and device state, its
+        /// configuration, and new empty disk layers over its disk layers.
+        #[arg(long, value_name = "SNAPSHOT")]
+        from: Option<String>,
+    },
+    /// Snapshots: create, list, apply, delete, export, show, rename, describe.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Stop the VM (its running state is discarded; disks are flushed).
+    Stop {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Kill the VMM process instead of asking it (disk writes in flight may be lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pause the VM's vCPUs.
+    Pause {
+        /// The VM directory.
+        vmdir: PathBuf,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM directory.
+        vmdir: PathBuf,
+    },
+    /// Show power state, uptime, pid, memory, disks and their layers.
+    Status {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Print JSON (the API's GET /vm document).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach to the VM's serial console (output since start is replayed;
+    /// detach with Ctrl-]).
+    Console {
+        /// The VM directory.
+        vmdir: PathBuf,
+    },
+    /// List the VMs in DIR (default: the current directory).
+    List {
+        /// A VM directory or a directory holding VM directories.
+        dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The background VMM process (started by `snapvm start`).
+    #[command(name = "__vmm", hide = true)]
+    Vmm {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Leave the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+        /// Continue from a snapshot.
+        #[arg(long)]
+        from: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot. A running VM pauses only for a moment and keeps
+    /// running while its memory is written out; a paused VM stays paused; a
+    /// VM that is off gets a configuration-and-disks snapshot.
+    Create {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Name (default: the VM's name and the time).
+        #[arg(long)]
+        name: Option<String>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print the job id and return at once (running VMs).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List the snapshots: id, power state, pause, name, and where "Now" is.
+    List {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Print JSON (the tree).
+        #[arg(long)]
+        json: bool,
+        /// Draw the tree: each snapshot under its parent, "Now" under the
+        /// snapshot the current state hangs from.
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Apply (revert to) a snapshot: the VM continues from its instant in
+    /// its power state (running, paused, or off), on new empty disk layers
+    /// over its layers. A running VM is switched in place by its VMM.
+    Apply {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// First take a snapshot of the current state (optionally named), so
+        /// nothing is lost.
+        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+        save_current: Option<String>,
+    },
+    /// Delete a snapshot (with --subtree, also everything below it). Its
+    /// saved state and memory go; its disk layers are merged with their
+    /// neighbours in the background while the VM keeps running (or here,
+    /// with progress, when the VM is off). The VM and the other snapshots
+    /// read exactly what they read before; an interrupted merge is
+    /// finished at the next start.
+    Delete {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// Also delete all snapshots below it.
+        #[arg(long)]
+        subtree: bool,
+        /// Return once the snapshot is gone, without waiting for merges.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Export a snapshot as a standalone VM directory (configuration,
+    /// kernel, flattened disks, state and memory): a snapshot is not a
+    /// backup, an export is. Continue it with `snapvm start NEWVMDIR --from ID`.
+    Export {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// The new VM directory (must not exist).
+        newvmdir: PathBuf,
+    },
+    /// Show one snapshot: metadata, parent, children, size on disk.
+    Show {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+    },
+    /// Rename a snapshot (names need not be unique; ids are).
+    Rename {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// The new name.
+        name: String,
+    },
+    /// Set a snapshot's description.
+    Describe {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// The description.
+        text: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// The new VM directory (created if missing; must not hold a VM).
+    pub vmdir: PathBuf,
+    /// Kernel image: an ELF with a PVH entry note or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// Guest memory, e.g. 256M or 1G.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u8,
+    /// A disk (raw or qcow2), repeatable; ",readonly" refuses guest writes.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    pub disks: Vec<String>,
+    /// Reference kernel, initrd and disks in place instead of copying them.
+    #[arg(long)]
+    pub link: bool,
+    /// Pin each vCPU thread to one host CPU (round robin over the CPUs
+    /// snapvm may use). "auto" pins on the kvm_pvm software backend, where
+    /// a vCPU thread moving between CPUs can see stale guest memory after
+    /// an apply; hardware KVM does not need it.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub pin_vcpus: crate::machine::backend_quirks::PinVcpus,
+    /// Back guest RAM with transparent huge pages. "auto" does, except on
+    /// the kvm_pvm software backend, where huge host pages let the guest
+    /// see stale memory after an apply.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub huge_pages: crate::machine::backend_quirks::HugePages,
+}
+
+#[derive(Subcommand)]
+pub enum DiskCommand {
+    /// Create an empty qcow2 image.
+    Create {
+        /// The new image.
+        path: PathBuf,
+        /// Virtual size, e.g. 1G.
+        #[arg(long)]
+        size: String,
+    },
+    /// Create a qcow2 differencing layer on top of BACKING (raw or qcow2).
+    /// The backing path is stored relative to the new file, with its format.
+    Overlay {
+        /// The existing layer below.
+        backing: PathBuf,
+        /// The new layer.
+        path: PathBuf,
+    },
+    /// Show an image's backing chain, top first.
+    Info {
+        /// The image.
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Process start to the test guest's READY line (median of --runs boots)
+    /// and memstamp throughput per vCPU, next to QEMU booting the same guest.
+    Boot {
+        /// Boots per engine.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u8,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
+    /// Live snapshot pauses (median and max), streaming rate next to dd,
+    /// fault service times and guest throughput, next to the stop-and-copy
+    /// baseline on the same VM, for each memory size.
+    Snapshot {
+        /// Guest memory sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        sizes: Vec<u64>,
+        /// Live snapshots per size (stop-and-copy: up to 5).
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Directory for the VM and its snapshots (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
+    /// Snapshot apply: time to the guest running and to its next verified
+    /// pass, lazy (instant revert) versus eager memory load, per size.
+    Apply {
+        /// Guest memory sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+        sizes: Vec<u64>,
+        /// Applies per mode and size.
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+        /// Directory for the VM (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// Guest RAM on huge pages: auto (not on kvm_pvm), on or off; run
+        /// it with on and off to see what the kvm_pvm workaround costs.
+        #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+        huge_pages: crate::machine::backend_quirks::HugePages,
+    },
+    /// Merge after a delete: a snapshot whose disk layer holds SIZE MiB is
+    /// deleted while the guest runs; merge throughput next to dd, guest
+    /// throughput during the merge versus before, and the final switch.
+    Merge {
+        /// Sizes of the layer to merge, MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        sizes: Vec<u64>,
+        /// Directory for the VM (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
+    /// Guest 4 KiB sequential and random read/write throughput on raw, qcow2
+    /// and a 3-layer qcow2 chain, next to the host's own I/O on the same files.
+    Disk {
+        /// Requests per measurement.
+        #[arg(long, default_value_t = 4096)]
+        requests: u64,
+        /// Image size in 4 KiB blocks.
+        #[arg(long, default_value_t = 16384)]
+        blocks: u64,
+        /// Directory for scratch images (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Kernel image: an ELF with a PVH entry note (vmlinux, the test guest) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Guest memory, e.g. 256M or 1G (a plain number means MiB).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u16,
+    /// A disk (raw, or qcow2 with its backing chain) as a virtio-blk device;
+    /// repeat for more, in the order the guest sees them. Add ",readonly"
+    /// to refuse guest writes. The devices are announced on the kernel
+    /// command line (virtio_mmio.device=...).
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    pub disks: Vec<String>,
+    /// Pin each vCPU thread to one host CPU: auto (on the kvm_pvm backend,
+    /// which needs it), on or off.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub pin_vcpus: crate::machine::backend_quirks::PinVcpus,
+    /// Back guest RAM with transparent huge pages. "auto" does, except on
+    /// the kvm_pvm software backend, where huge host pages let the guest
+    /// see stale memory after an apply.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub huge_pages: crate::machine::backend_quirks::HugePages,
+}

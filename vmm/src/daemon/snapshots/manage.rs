@@ -1,0 +1,193 @@
+//! Managing the snapshot tree: delete (the merges it allows run in
+//! daemon/merges.rs), rename, describe, show, and cleaning up what an
+//! interrupted snapshot or delete left behind.
+
+use std::path::{Path, PathBuf};
+
+use snapshot::atomic_file::sync_dir;
+use snapshot::tree::{SnapshotMeta, Tree};
+
+use super::{io_err, SnapshotError};
+use crate::vmdir::{VmDir, VmToml};
+
+/// Removes `snapshots/<id>.partial` directories and the disk layers they
+/// created that nothing uses, left by a snapshot interrupted by a crash.
+/// Returns the ids cleaned up.
+pub fn clean_leftovers(dir: &VmDir, toml: &VmToml) -> Vec<String> {
+    let mut cleaned = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.snapshots_dir()) else {
+        return cleaned;
+    };
+    let tree = Tree::load(&dir.tree_path()).unwrap_or_default();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".partial") else {
+            // A snapshot directory no longer in the tree: a delete was
+            // interrupted after the tree was updated.
+            let orphan = e.path().is_dir()
+                && uuid::Uuid::parse_str(&name).is_ok()
+                && !tree.snapshots.iter().any(|s| s.id == name);
+            if orphan {
+                let _ = std::fs::remove_dir_all(e.path());
+                tracing::warn!("removed the files of deleted snapshot {name}");
+            }
+            continue;
+        };
+        let _ = std::fs::remove_dir_all(e.path());
+        for d in &toml.disks {
+            let layer = dir.layer_path(&d.name, id.get(..8).unwrap_or(id));
+            let rel = dir.relative(&layer);
+            let used = toml.disks.iter().any(|x| x.current == rel)
+                || tree
+                    .snapshots
+                    .iter()
+                    .any(|s| s.disks.iter().any(|l| l.layer == rel));
+            if !used && layer.exists() {
+                let _ = std::fs::remove_file(&layer);
+            }
+        }
+        tracing::warn!("removed incomplete snapshot {id} left by an interrupted snapshot");
+        cleaned.push(id.to_string());
+    }
+    cleaned
+}
+
+/// What `snapshot delete` removed.
+#[derive(Debug, Clone)]
+pub struct DeleteResult {
+    /// The snapshots removed from the tree.
+    pub deleted: Vec<SnapshotMeta>,
+    /// Disk layers now waiting to be removed or merged.
+    pub retired: Vec<PathBuf>,
+}
+
+/// Removes snapshot `reference` (with `subtree`, also all its descendants)
+/// from the tree and deletes its saved state and memory. Its children hang
+/// under its parent from now on, and so does "Now" if it hung under a
+/// deleted snapshot. Its disk layers are retired: [`crate::daemon::merges::run`]
+/// removes or merges them. Nothing the VM or another snapshot reads
+/// changes.
+pub fn delete(dir: &VmDir, reference: &str, subtree: bool) -> Result<DeleteResult, SnapshotError> {
+    let result = Tree::update(&dir.tree_path(), |t| {
+        let target = t.resolve(reference)?.clone();
+        let mut gone = vec![target.id.clone()];
+        if subtree {
+            let mut i = 0;
+            while i < gone.len() {
+                let kids: Vec<String> = t.children(&gone[i]).iter().map(|c| c.id.clone()).collect();
+                gone.extend(kids);
+                i += 1;
+            }
+        }
+        let deleted: Vec<SnapshotMeta> = t
+            .snapshots
+            .iter()
+            .filter(|s| gone.contains(&s.id))
+            .cloned()
+            .collect();
+        for s in t.snapshots.iter_mut() {
+            if s.parent.as_deref() == Some(target.id.as_str()) {
+                s.parent = target.parent.clone();
+            }
+        }
+        if t.now.as_ref().is_some_and(|n| gone.contains(n)) {
+            t.now = target.parent.clone();
+        }
+        t.snapshots.retain(|s| !gone.contains(&s.id));
+        let retired: Vec<PathBuf> = deleted
+            .iter()
+            .flat_map(|s| s.disks.iter().map(|d| d.layer.clone()))
+            .collect();
+        for r in &retired {
+            if !t.retired.contains(r) {
+                t.retired.push(r.clone());
+            }
+        }
+        Ok(DeleteResult { deleted, retired })
+    })?;
+    let sdir = dir.snapshots_dir();
+    for s in &result.deleted {
+        let d = sdir.join(&s.id);
+        if let Err(e) = std::fs::remove_dir_all(&d) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(io_err("cannot remove", &d)(e));
+            }
+        }
+    }
+    sync_dir(&sdir).map_err(io_err("cannot sync", &sdir))?;
+    Ok(result)
+}
+
+/// Renames snapshot `reference`.
+pub fn rename(dir: &VmDir, reference: &str, name: &str) -> Result<SnapshotMeta, SnapshotError> {
+    Ok(Tree::update(&dir.tree_path(), |t| {
+        let s = t.resolve_mut(reference)?;
+        s.name = name.to_string();
+        Ok(s.clone())
+    })?)
+}
+
+/// Sets the description of snapshot `reference`.
+pub fn describe(dir: &VmDir, reference: &str, text: &str) -> Result<SnapshotMeta, SnapshotError> {
+    Ok(Tree::update(&dir.tree_path(), |t| {
+        let s = t.resolve_mut(reference)?;
+        s.description = text.to_string();
+        Ok(s.clone())
+    })?)
+}
+
+fn file_size(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// What `snapshot show` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotDetails {
+    /// The snapshot's metadata.
+    pub snapshot: SnapshotMeta,
+    /// Ids of its children.
+    pub children: Vec<String>,
+    /// Whether "Now" hangs under it.
+    pub now_here: bool,
+    /// Space it takes.
+    pub size_on_disk: SizeOnDisk,
+}
+
+/// Space a snapshot takes (allocated blocks).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SizeOnDisk {
+    /// vm.toml, state.bin, memory.bin.
+    pub files: u64,
+    /// The disk layers it froze.
+    pub disk_layers: u64,
+    /// Both.
+    pub total: u64,
+}
+
+/// Details of snapshot `reference`: its metadata, children, whether "Now"
+/// hangs under it, and its size on disk (files and frozen disk layers).
+pub fn show(dir: &VmDir, reference: &str) -> Result<SnapshotDetails, SnapshotError> {
+    let tree = Tree::load(&dir.tree_path())?;
+    let s = tree.resolve(reference)?;
+    let sdir = dir.snapshot_dir(&s.id);
+    let files: u64 = ["vm.toml", "state.bin", "memory.bin"]
+        .iter()
+        .map(|f| file_size(&sdir.join(f)))
+        .sum();
+    let layers: u64 = s
+        .disks
+        .iter()
+        .map(|d| file_size(&dir.resolve(&d.layer)))
+        .sum();
+    Ok(SnapshotDetails {
+        snapshot: s.clone(),
+        children: tree.children(&s.id).iter().map(|c| c.id.clone()).collect(),
+        now_here: tree.now.as_deref() == Some(s.id.as_str()),
+        size_on_disk: SizeOnDisk {
+            files,
+            disk_layers: layers,
+            total: files + layers,
+        },
+    })
+}

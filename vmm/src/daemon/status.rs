@@ -1,0 +1,38 @@
+//! The parts of a VM's status document (crate::api::VmStatus) read from
+//! its directory: disks and their layers, merges. The VMM adds its own
+//! figures; the CLI builds the document of a VM that is off from these.
+
+use snapshot::tree::Tree;
+
+use crate::api::{DiskStatus, JobInfo, MergeStatus};
+use crate::vmdir::{VmDir, VmToml};
+
+/// The layers of every disk, top first.
+pub fn disks(dir: &VmDir, toml: &VmToml) -> Vec<DiskStatus> {
+    toml.disks
+        .iter()
+        .map(|d| {
+            let current = dir.resolve(&d.current);
+            let layers = snapshot::disk::resolve_chain(&current)
+                .map(|c| c.iter().map(|l| l.path.display().to_string()).collect())
+                .unwrap_or_else(|e| vec![format!("error: {e}")]);
+            DiskStatus {
+                name: d.name.clone(),
+                current: d.current.clone(),
+                readonly: d.readonly,
+                layers,
+            }
+        })
+        .collect()
+}
+
+/// Merges in progress and layers waiting for one; `job` is the merge job
+/// running, if any.
+pub fn merges(dir: &VmDir, job: Option<JobInfo>) -> MergeStatus {
+    let tree = Tree::load(&dir.tree_path()).unwrap_or_default();
+    MergeStatus {
+        job,
+        in_progress: tree.merge,
+        waiting: tree.retired,
+    }
+}

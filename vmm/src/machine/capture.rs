@@ -1,0 +1,115 @@
+//! Capturing a running (or paused) VM for a live snapshot: the pause
+//! window. docs/architecture.md walks through it step by step; this is
+//! its code. The counterpart is `apply.rs`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use snapshot::live::ArmedSnapshot;
+use snapshot::memory_file::MemoryFileWriter;
+
+use super::state::MachineState;
+use super::vm::{Vm, VmError};
+
+/// What a capture needs besides the VM.
+pub struct CaptureRequest<'a> {
+    /// Whether the vCPUs run (they are paused for the capture and resumed
+    /// after it) or are paused already (they stay paused).
+    pub running: bool,
+    /// Keep a running VM paused after the capture (the stop-and-copy
+    /// baseline); the caller resumes it.
+    pub keep_paused: bool,
+    /// The pre-created overlay each disk moves its writes to, in disk
+    /// order.
+    pub new_layers: &'a [PathBuf],
+    /// Guest memory, armed for the snapshot ([`snapshot::live::Tracker::arm`]).
+    pub armed: &'a mut ArmedSnapshot,
+    /// memory.bin, which the frozen memory streams into afterwards.
+    pub memory: MemoryFileWriter,
+}
+
+/// A capture that succeeded.
+pub struct Captured {
+    /// Every component's state at the instant.
+    pub state: MachineState,
+    /// How long the vCPUs were paused for it, microseconds.
+    pub pause_us: u64,
+    /// When the pause began.
+    pub paused_at: Instant,
+}
+
+/// A capture that failed: memory is released again and the VM runs (or
+/// stays paused) as before. `forked` says which disks had already moved to
+/// their new layer, which they keep (a valid chain).
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct CaptureError {
+    /// What failed.
+    pub source: VmError,
+    /// Per disk, whether it writes its new layer now.
+    pub forked: Vec<bool>,
+}
+
+impl Vm {
+    /// The pause window of a live snapshot: pause the vCPUs, quiesce the
+    /// devices, save every component's state, fork each disk onto its new
+    /// layer, freeze guest memory (from here on memory.bin gets the
+    /// instant's pages), unquiesce, resume. The state returned is exactly
+    /// the VM at that instant.
+    pub fn capture(&self, req: CaptureRequest<'_>) -> Result<Captured, CaptureError> {
+        let CaptureRequest {
+            running,
+            keep_paused,
+            new_layers,
+            armed,
+            memory,
+        } = req;
+        let paused_at = Instant::now();
+        if running {
+            self.pause();
+        }
+        self.quiesce_devices();
+        let captured = self
+            .check_disk_count(new_layers.len())
+            .and_then(|()| self.save_state())
+            .and_then(|state| {
+                for (d, l) in self.disk_backends.iter().zip(new_layers) {
+                    d.fork(l)?;
+                }
+                armed.freeze(memory)?;
+                Ok(state)
+            });
+        self.unquiesce_devices();
+        let resume = running && (!keep_paused || captured.is_err());
+        if resume {
+            self.resume();
+        }
+        let pause_us = paused_at.elapsed().as_micros() as u64;
+        match captured {
+            Ok(state) => Ok(Captured {
+                state,
+                pause_us,
+                paused_at,
+            }),
+            Err(source) => {
+                armed.abort();
+                let tops = self.disk_tops();
+                let forked = new_layers
+                    .iter()
+                    .map(|l| tops.iter().any(|t| t.as_deref() == Some(l.as_path())))
+                    .collect();
+                Err(CaptureError { source, forked })
+            }
+        }
+    }
+
+    pub(super) fn check_disk_count(&self, layers: usize) -> Result<(), VmError> {
+        if layers != self.disk_backends.len() {
+            return Err(VmError::DiskCount {
+                layers,
+                disks: self.disk_backends.len(),
+            });
+        }
+        Ok(())
+    }
+}
