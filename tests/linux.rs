@@ -9,7 +9,7 @@ use std::time::Duration;
 use snapvm_tests::{run_with_timeout, snapvm_bin};
 
 /// Command line that lets Linux boot under the emulating backend
-/// (ENVIRONMENT.md, "Linux guests here").
+/// (docs/kvm-backend.md, "Linux guests here").
 pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave nofsgsbase noinvpcid \
      clearcpuid=popcnt,smap,rdtscp,erms,fsrm percpu_alloc=page rodata=off quiet";
 

@@ -1,4 +1,4 @@
-//! Merging disk layers after snapshots are deleted (DESIGN.md §4).
+//! Merging disk layers after snapshots are deleted (docs/formats.md, disk layers).
 //!
 //! A layer that no snapshot and no VM uses any more ("retired") is removed
 //! when nothing is backed by it, merged with its child when exactly one

@@ -27,9 +27,11 @@ pub enum StateFileError {
     /// Not a snapvm state file.
     #[error("{0}: not a snapvm state file (bad magic)")]
     BadMagic(PathBuf),
-    /// A version this snapvm cannot read (a newer snapvm wrote it).
+    /// A version this snapvm cannot read (a newer snapvm wrote it, or the
+    /// file is damaged).
     #[error(
-        "{path}: unsupported state file version {version} (this snapvm reads versions 1 to {newest}; a newer snapvm wrote it)"
+        "{path}: unsupported state file version {version} (this snapvm reads versions 1 to {newest}{})",
+        if *.version > *.newest { "; a newer snapvm wrote it" } else { "" }
     )]
     BadVersion {
         /// The file.

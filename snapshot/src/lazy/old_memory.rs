@@ -138,7 +138,7 @@ pub(super) fn report_changes(old: &[OldMemory], path: &Path) {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&path);
+            .open(path);
         if let Ok(mut f) = file {
             let _ = writeln!(f, "pid {} {line}", std::process::id());
         }

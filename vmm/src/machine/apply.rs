@@ -9,9 +9,12 @@ use snapshot::disk::Disk;
 use snapshot::lazy::{LazyLoader, LazyOptions};
 use snapshot::memory_file::MemoryFile;
 
+use vm_memory::{Bytes, GuestAddress};
+
 use super::backend_quirks;
 use super::outcome::Failure;
 use super::state::MachineState;
+use super::vcpu::exits::first_touches;
 use super::vm::{set_memslots, Vm, VmError};
 
 /// What an apply needs besides the VM.
@@ -30,7 +33,7 @@ pub struct ApplyRequest<'a> {
 impl Vm {
     /// Replaces this VM's state with a snapshot's, in place; the vCPUs must
     /// be paused. Everything is checked first (memory layout, memory.bin's
-    /// header, each component's state), so a snapshot that does not fit
+    /// trailer, each component's state), so a snapshot that does not fit
     /// changes nothing. Then: devices reset, guest memory replaced by
     /// memory.bin's (lazily: pages arrive on first touch, the rest in the
     /// background), disks switched to their new layers, every component
@@ -110,9 +113,15 @@ impl Vm {
         }
         let replaced = started.elapsed();
         self.restore_components(state, disks)?;
+        let loaded = started.elapsed();
+        self.touch_first_pages()?;
+        if let Some(e) = loader.error() {
+            return Err(VmError::MemoryLoad(e));
+        }
         tracing::debug!(
-            "apply: memory replaced after {} us, state loaded after {} us",
+            "apply: memory replaced after {} us, state loaded after {} us, first pages in after {} us",
             replaced.as_micros(),
+            loaded.as_micros(),
             started.elapsed().as_micros()
         );
         loader.start_prefetch();
@@ -129,6 +138,24 @@ impl Vm {
         }
         self.components.restore_all(&state.components)?;
         Ok(())
+    }
+
+    /// Brings in, before the vCPUs run again, the memory each of them needs
+    /// first: the pages its instruction and stack pointers map to, and the
+    /// page tables on the way there (translating reads them). Their faults
+    /// would come at once anyway; served here, a chunk of memory.bin that
+    /// is corrupt where the guest resumes fails the apply before the guest
+    /// runs a single instruction on it.
+    fn touch_first_pages(&self) -> Result<(), VmError> {
+        let ram = self.ram.clone();
+        let touch = Arc::new(move |_index: u8, fd: &kvm_ioctls::VcpuFd| {
+            for gpa in first_touches(fd) {
+                // The read faults the page in (the loader serves it); its
+                // value does not matter.
+                let _ = ram.memory().read_obj::<u8>(GuestAddress(gpa));
+            }
+        });
+        Ok(self.control.run_on_all(self.handles.len(), touch)?)
     }
 
     /// Completes a lazy memory load in progress (live snapshots need all of

@@ -1,5 +1,5 @@
 //! Workarounds for the `kvm_pvm` software KVM backend these machines have
-//! (ENVIRONMENT.md): vCPU threads pinned to host CPUs, and guest RAM kept
+//! (docs/kvm-backend.md): vCPU threads pinned to host CPUs, and guest RAM kept
 //! off transparent huge pages.
 //!
 //! On `kvm_pvm`, right after an apply replaced all of guest memory, the
@@ -30,9 +30,9 @@
 //!
 //! It has not been seen since two changes made within the same hour: the
 //! memory slots are removed *before* the old pages leave (they used to be
-//! removed after; `set_memslots` in vm.rs), and a pausing vCPU no longer
-//! parks halfway through an MMIO or port access (`Checkpoint::FinishIo` in
-//! vcpu.rs). Clean-clone test-suite runs on the AMD host since then:
+//! removed after; `set_memslots` in machine/vm.rs), and a pausing vCPU no
+//! longer parks halfway through an MMIO or port access
+//! (`Checkpoint::FinishIo` in machine/vcpu/control.rs). Clean-clone test-suite runs on the AMD host since then:
 //!
 //! | code                                    | runs | failed |
 //! |-----------------------------------------|------|--------|

@@ -18,7 +18,15 @@ pub fn clean_leftovers(dir: &VmDir, toml: &VmToml) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir.snapshots_dir()) else {
         return cleaned;
     };
-    let tree = Tree::load(&dir.tree_path()).unwrap_or_default();
+    // Only a tree that reads says what is left over: with tree.json
+    // unreadable every snapshot would look like one.
+    let tree = match Tree::load(&dir.tree_path()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("leftovers of interrupted snapshots are not cleaned up: {e}");
+            return cleaned;
+        }
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(id) = name.strip_suffix(".partial") else {
@@ -190,4 +198,42 @@ pub fn show(dir: &VmDir, reference: &str) -> Result<SnapshotDetails, SnapshotErr
             total: files + layers,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toml() -> VmToml {
+        VmToml {
+            name: "t".into(),
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            memory: "64M".into(),
+            vcpus: 1,
+            pin_vcpus: Default::default(),
+            huge_pages: Default::default(),
+            disks: vec![],
+        }
+    }
+
+    /// A snapshot directory the tree does not name is what an interrupted
+    /// delete leaves; but with tree.json unreadable nothing can be told
+    /// apart, and nothing is removed.
+    #[test]
+    fn leftovers_are_removed_only_when_the_tree_reads() {
+        let root = std::env::temp_dir().join(format!("snapvm-leftovers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = VmDir::new(&root);
+        let orphan = dir.snapshot_dir(&uuid::Uuid::new_v4().to_string());
+        std::fs::create_dir_all(&orphan).unwrap();
+        std::fs::write(dir.tree_path(), b"{ not json").unwrap();
+        assert!(clean_leftovers(&dir, &toml()).is_empty());
+        assert!(orphan.is_dir(), "kept while tree.json is unreadable");
+        Tree::default().save(&dir.tree_path()).unwrap();
+        clean_leftovers(&dir, &toml());
+        assert!(!orphan.exists(), "removed once the tree says it is gone");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

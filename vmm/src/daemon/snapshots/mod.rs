@@ -3,8 +3,8 @@
 //! in place, or at `start --from`), managing the tree (`manage.rs`: delete,
 //! rename, describe, show, and cleaning up after interrupted operations),
 //! and exporting one as a standalone VM (`export.rs`). The VMM runs them
-//! for a running VM; the CLI runs the ones that work on a VM that is off,
-//! under the VM's lock.
+//! for a running VM; the CLI runs the ones that work on a VM that is off
+//! (a delete and its merges under the VM's lock).
 //!
 //! Files (docs/formats.md): `snapshots/tree.json`, `snapshots/<id>/vm.toml`,
 //! `state.bin`, `memory.bin`; disk layers `disks/<disk>.<id8>.qcow2`. A

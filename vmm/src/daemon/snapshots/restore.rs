@@ -36,7 +36,7 @@ pub struct PreparedRestore {
 }
 
 /// Checks the files of snapshot `reference` (state.bin, memory.bin's
-/// header, its configuration copy), reads its state and creates new empty
+/// trailer and layout, its configuration copy), reads its state and creates new empty
 /// working layers over its disk layers, but records nothing yet
 /// ([`PreparedRestore::commit`] does, so that an apply can write the
 /// metadata while it replaces the VM's state). A corrupt snapshot changes

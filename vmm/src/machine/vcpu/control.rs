@@ -37,7 +37,12 @@ pub(super) enum Checkpoint {
 enum ParkedCommand {
     Save,
     Restore(Arc<Vec<VcpuState>>),
+    /// Work on the vCPU's file descriptor.
+    Run(ParkedWork),
 }
+
+/// Work a parked vCPU does on its own file descriptor (given its index).
+pub type ParkedWork = Arc<dyn Fn(u8, &VcpuFd) + Send + Sync>;
 
 type ParkedResult = Result<Option<VcpuState>, VcpuStateError>;
 
@@ -126,6 +131,16 @@ impl VcpuControl {
             .collect())
     }
 
+    /// Has each of the `count` parked vCPUs run `f` on its own thread, all
+    /// at once; returns when all are done (the vCPUs must be paused).
+    pub fn run_on_all(
+        &self,
+        count: usize,
+        f: ParkedWork,
+    ) -> Result<(), VcpuStateError> {
+        self.run_parked(ParkedCommand::Run(f), count).map(|_| ())
+    }
+
     /// Has every parked vCPU load `states[index]` (the vCPUs must be paused).
     pub fn restore_all(&self, states: Vec<VcpuState>) -> Result<(), VcpuStateError> {
         let count = states.len();
@@ -168,6 +183,10 @@ impl VcpuControl {
                                         Some(st) => state::restore(index, fd, st).map(|_| None),
                                         None => Ok(None),
                                     }
+                                }
+                                Some(ParkedCommand::Run(f)) => {
+                                    f(index, fd);
+                                    Ok(None)
                                 }
                                 None => Ok(None),
                             };

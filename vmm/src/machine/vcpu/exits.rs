@@ -183,6 +183,26 @@ pub(super) fn handle_exit(
     Ok(Next::Continue)
 }
 
+/// The guest-physical addresses of the vCPU's instruction and stack
+/// pointers (those its page tables map). Translating them reads the guest's
+/// page tables.
+pub fn first_touches(fd: &VcpuFd) -> Vec<u64> {
+    let (Ok(regs), Ok(sregs)) = (fd.get_regs(), fd.get_sregs()) else {
+        return vec![];
+    };
+    let long = sregs.efer & 0x400 != 0; // long mode: flat CS and SS
+    let linear = |base: u64, off: u64| if long { off } else { base.wrapping_add(off) };
+    [
+        linear(sregs.cs.base, regs.rip),
+        linear(sregs.ss.base, regs.rsp),
+    ]
+    .into_iter()
+    .filter_map(|l| fd.translate_gva(l).ok())
+    .filter(|t| t.valid != 0)
+    .map(|t| t.physical_address)
+    .collect()
+}
+
 /// Reads up to 15 instruction bytes at the guest's RIP.
 fn instruction_bytes(fd: &VcpuFd, ram: &GuestRam) -> (u64, Vec<u8>) {
     let Ok(regs) = fd.get_regs() else {
