@@ -86,13 +86,7 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
         let dir = crate::vmdir::create(&vmdir, &req).map_err(|e| err(e.to_string()))?;
         crate::cli::lifecycle::start(&vmdir, false).map_err(|e| err(e.to_string()))?;
         let serial = dir.serial_log();
-        let apply_job = |id: &str, eager: bool| {
-            run_job(
-                &dir,
-                &format!("/snapshots/{id}/apply"),
-                serde_json::json!({ "eager": eager }),
-            )
-        };
+        let apply_job = |id: &str, eager: bool| apply_snapshot(&dir, id, eager);
         let result = (|| {
             let t0 = Instant::now();
             while guest_rates(&serial, 0, usize::MAX).len() < 2 {
@@ -118,7 +112,7 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
                     let mark = serial_len(&serial);
                     let t = Instant::now();
                     let r = apply_job(&id, mode == ApplyMode::Eager)?;
-                    running.push(r["apply_ms"].as_f64().unwrap_or(f64::NAN));
+                    running.push(r.apply_ms as f64);
                     loop {
                         let s = std::fs::read_to_string(&serial).unwrap_or_default();
                         if s.get(mark..).is_some_and(|t| t.contains("TESTGUEST PASS")) {
@@ -132,22 +126,16 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
                     pass.push(t.elapsed().as_secs_f64() * 1000.0);
                     if let Some(extra) = extra {
                         // Only the memory and state go (no disks to merge).
-                        crate::cli::api_client::request(
-                            &dir.api_socket(),
-                            "DELETE",
-                            &format!("/snapshots/{extra}"),
-                            None,
-                        )
-                        .map_err(|e| err(e.to_string()))?;
+                        client(&dir)
+                            .delete_snapshot(&extra, false)
+                            .map_err(|e| err(e.to_string()))?;
                     }
                     // Let the background load finish before the next round.
                     let t = Instant::now();
                     loop {
                         std::thread::sleep(Duration::from_millis(100));
-                        let st =
-                            crate::cli::api_client::request(&dir.api_socket(), "GET", "/vm", None)
-                                .map_err(|e| err(e.to_string()))?;
-                        if st["memory_load"].is_null() || t.elapsed() > Duration::from_secs(300) {
+                        let st = client(&dir).status().map_err(|e| err(e.to_string()))?;
+                        if st.memory_load.is_none() || t.elapsed() > Duration::from_secs(300) {
                             break;
                         }
                     }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::api::MergeOutcome;
 
 /// Parameters of `snapvm bench merge`.
 pub struct MergeBench {
@@ -144,20 +145,17 @@ pub fn merge(b: &MergeBench) -> Result<(), BenchError> {
             );
             let berr = |e: String| err(format!("delete: {e}"));
             let m0 = serial_len(&serial);
-            let r = crate::cli::api_client::request(
-                &dir.api_socket(),
-                "DELETE",
-                &format!("/snapshots/{id}"),
-                None,
-            )
-            .map_err(|e| berr(e.to_string()))?;
-            let job = r["job"].as_str().unwrap_or_default().to_string();
-            let result = wait_for_job(&dir, &job, "merge")?;
+            let r = client(&dir)
+                .delete_snapshot(&id, false)
+                .map_err(|e| berr(e.to_string()))?;
+            let job = r.job.ok_or_else(|| berr("no merge job started".into()))?;
+            let outcome: MergeOutcome = wait_for_job(&dir, &job, "merge")?;
+            let result = outcome.report();
             let m1 = serial_len(&serial);
             let (mut disk_during, mut mem_during) =
                 (disk_rates(&serial, m0, m1), mem_rates(&serial, m0, m1));
-            let f = |k: &str| result[k].as_f64().unwrap_or(f64::NAN);
-            let merge_mibps = f("copied_bytes") / (1 << 20) as f64 / (f("duration_ms") / 1e3);
+            let merge_mibps =
+                result.copied_bytes as f64 / (1 << 20) as f64 / (result.duration_ms as f64 / 1e3);
             let ratio = |d: &mut Vec<f64>, b: &mut Vec<f64>| {
                 if d.is_empty() || b.is_empty() {
                     f64::NAN
@@ -170,8 +168,9 @@ pub fn merge(b: &MergeBench) -> Result<(), BenchError> {
                 dd,
                 ratio(&mut disk_during, &mut disk_before),
                 ratio(&mut mem_during, &mut mem_before),
-                f("switch_us_max") / 1000.0,
-                (f("disk_bytes_before") - f("disk_bytes_after")) / (1 << 20) as f64,
+                result.switch_us_max as f64 / 1000.0,
+                (result.disk_bytes_before as f64 - result.disk_bytes_after as f64)
+                    / (1 << 20) as f64,
             ))
         })();
         let _ = crate::cli::lifecycle::stop(&root.join("vm"), true);

@@ -7,6 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::api::{ApplyResult, ApplySnapshotRequest, CreateSnapshotRequest, JobState, LiveResult};
+use crate::cli::api_client::{Client, ClientError};
+
 mod apply;
 mod boot;
 mod disk;
@@ -109,50 +112,74 @@ pub(super) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
-pub(super) fn run_job(
+/// The API client of the VM in `dir`.
+pub(super) fn client(dir: &crate::vmdir::VmDir) -> Client {
+    Client::new(&dir.api_socket())
+}
+
+fn api_err(what: &str) -> impl Fn(ClientError) -> BenchError + '_ {
+    move |e| BenchError::Guest {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Takes a live snapshot through the API; its result.
+pub(super) fn take_live(
     dir: &crate::vmdir::VmDir,
-    path: &str,
-    body: serde_json::Value,
-) -> Result<serde_json::Value, BenchError> {
-    let berr = |e: String| BenchError::Guest {
-        what: format!("job {path}"),
-        message: e,
+    stop_and_copy: bool,
+) -> Result<LiveResult, BenchError> {
+    let req = CreateSnapshotRequest {
+        stop_and_copy,
+        ..Default::default()
     };
-    let job = crate::cli::api_client::request(&dir.api_socket(), "POST", path, Some(&body))
-        .map_err(|e| berr(e.to_string()))?;
-    let id = job["job"].as_str().unwrap_or_default().to_string();
-    wait_for_job(dir, &id, path)
+    let job = client(dir)
+        .create_snapshot(&req)
+        .map_err(api_err("snapshot"))?;
+    wait_for_job(dir, &job.job, "snapshot")
 }
 
 /// Takes a live snapshot through the API; returns its id.
 pub(super) fn snapshot_id(dir: &crate::vmdir::VmDir) -> Result<String, BenchError> {
-    let snap = run_job(dir, "/snapshots", serde_json::json!({}))?;
-    Ok(snap["snapshot"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
+    Ok(take_live(dir, false)?.snapshot.id)
+}
+
+/// Applies snapshot `id` through the API; the job's result.
+pub(super) fn apply_snapshot(
+    dir: &crate::vmdir::VmDir,
+    id: &str,
+    eager: bool,
+) -> Result<ApplyResult, BenchError> {
+    let req = ApplySnapshotRequest {
+        eager,
+        ..Default::default()
+    };
+    let job = client(dir)
+        .apply_snapshot(id, &req)
+        .map_err(api_err("apply"))?;
+    wait_for_job(dir, &job.job, "apply")
 }
 
 /// Polls job `id` until it ends; its result, or its error as `what`'s.
-pub(super) fn wait_for_job(
+pub(super) fn wait_for_job<T: serde::de::DeserializeOwned>(
     dir: &crate::vmdir::VmDir,
     id: &str,
     what: &str,
-) -> Result<serde_json::Value, BenchError> {
-    let berr = |e: String| BenchError::Guest {
+) -> Result<T, BenchError> {
+    let berr = |message: String| BenchError::Guest {
         what: format!("job {what}"),
-        message: e,
+        message,
     };
+    let client = client(dir);
     loop {
-        let j =
-            crate::cli::api_client::request(&dir.api_socket(), "GET", &format!("/jobs/{id}"), None)
-                .map_err(|e| berr(e.to_string()))?;
-        match j["state"].as_str() {
-            Some("succeeded") => return Ok(j["result"].clone()),
-            Some("failed") => {
-                return Err(berr(j["error"].as_str().unwrap_or("failed").to_string()))
+        let j = client.job(id).map_err(|e| berr(e.to_string()))?;
+        match j.state {
+            JobState::Succeeded => {
+                return serde_json::from_value(j.result.unwrap_or_default())
+                    .map_err(|e| berr(format!("unexpected result: {e}")))
             }
-            _ => std::thread::sleep(Duration::from_millis(2)),
+            JobState::Failed => return Err(berr(j.error.unwrap_or_else(|| "failed".into()))),
+            JobState::Running => std::thread::sleep(Duration::from_millis(2)),
         }
     }
 }

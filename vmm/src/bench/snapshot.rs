@@ -29,35 +29,24 @@ struct Shot {
     window_pages: f64,
 }
 
-fn shot(r: &serde_json::Value) -> Shot {
-    let s = &r["snapshot"];
-    let st = &r["stats"];
-    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+fn shot(r: &LiveResult) -> Shot {
+    let (s, st) = (&r.snapshot, &r.stats);
     Shot {
-        pause_us: f(&s["pause_us"]),
-        total_ms: f(&s["duration_ms"]),
-        bytes: f(&s["memory_bytes"]),
-        stream_us: f(&st["stream_us"]),
-        faults: f(&st["faults"]),
-        p50: f(&st["fault_p50_us"]),
-        p99: f(&st["fault_p99_us"]),
-        window_pages: f(&st["window_pages"]),
+        pause_us: s.pause_us.unwrap_or(0) as f64,
+        total_ms: s.duration_ms as f64,
+        bytes: s.memory_bytes as f64,
+        stream_us: st.stream_us as f64,
+        faults: st.faults as f64,
+        p50: st.fault_p50_us,
+        p99: st.fault_p99_us,
+        window_pages: st.window_pages as f64,
     }
 }
 
-fn take_snapshot(
-    dir: &crate::vmdir::VmDir,
-    stop_and_copy: bool,
-) -> Result<serde_json::Value, BenchError> {
-    let r = run_job(
-        dir,
-        "/snapshots",
-        serde_json::json!({ "stop_and_copy": stop_and_copy }),
-    )?;
+fn take_snapshot(dir: &crate::vmdir::VmDir, stop_and_copy: bool) -> Result<LiveResult, BenchError> {
+    let r = take_live(dir, stop_and_copy)?;
     // Keep the disk from filling up: only the figures matter.
-    if let Some(sid) = r["snapshot"]["id"].as_str() {
-        let _ = std::fs::remove_file(dir.root().join("snapshots").join(sid).join("memory.bin"));
-    }
+    let _ = std::fs::remove_file(dir.snapshot_dir(&r.snapshot.id).join("memory.bin"));
     Ok(r)
 }
 

@@ -133,11 +133,7 @@ impl VcpuControl {
 
     /// Has each of the `count` parked vCPUs run `f` on its own thread, all
     /// at once; returns when all are done (the vCPUs must be paused).
-    pub fn run_on_all(
-        &self,
-        count: usize,
-        f: ParkedWork,
-    ) -> Result<(), VcpuStateError> {
+    pub fn run_on_all(&self, count: usize, f: ParkedWork) -> Result<(), VcpuStateError> {
         self.run_parked(ParkedCommand::Run(f), count).map(|_| ())
     }
 
