@@ -101,7 +101,7 @@ pub enum StateError {
 /// Saving and restoring a component's state.
 pub trait Persist {
     /// The state, as saved.
-    type State: Serialize + DeserializeOwned;
+    type State: Serialize + DeserializeOwned + Send + 'static;
     /// What can go wrong saving or restoring it.
     type Error: std::error::Error + Send + Sync + 'static;
     /// What the component is; saved with the state and checked on restore.
@@ -132,21 +132,58 @@ pub trait Persist {
     }
 }
 
-/// Encodes `value`'s state as a [`ComponentState`] named `id`.
-pub fn save_as<T: Persist>(value: &T, id: &str) -> Result<ComponentState, StateError> {
+/// A state not encoded yet: what [`Persist::save`] returned, as any type.
+trait Encode: Send {
+    fn encode(&self) -> Result<serde_json::Value, serde_json::Error>;
+}
+
+impl<T: Serialize + Send> Encode for T {
+    fn encode(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
+}
+
+/// A component's state as saved, not encoded yet: a live snapshot saves
+/// states inside the guest's pause and encodes them after it.
+pub struct SavedState {
+    id: String,
+    kind: &'static str,
+    version: u32,
+    state: Box<dyn Encode>,
+}
+
+impl SavedState {
+    /// The component's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Encodes the state as a [`ComponentState`].
+    pub fn encode(&self) -> Result<ComponentState, StateError> {
+        let state = self.state.encode().map_err(|e| StateError::Save {
+            id: self.id.clone(),
+            source: Box::new(e),
+        })?;
+        Ok(ComponentState {
+            id: self.id.clone(),
+            kind: self.kind.to_string(),
+            version: self.version,
+            state,
+        })
+    }
+}
+
+/// Saves `value`'s state under `id` (not encoded yet).
+pub fn save_as<T: Persist>(value: &T, id: &str) -> Result<SavedState, StateError> {
     let state = value.save().map_err(|e| StateError::Save {
         id: id.to_string(),
         source: Box::new(e),
     })?;
-    let state = serde_json::to_value(state).map_err(|e| StateError::Save {
+    Ok(SavedState {
         id: id.to_string(),
-        source: Box::new(e),
-    })?;
-    Ok(ComponentState {
-        id: id.to_string(),
-        kind: T::KIND.to_string(),
+        kind: T::KIND,
         version: T::VERSION,
-        state,
+        state: Box::new(state),
     })
 }
 
@@ -204,7 +241,7 @@ pub fn restore_from<T: Persist>(value: &mut T, saved: &ComponentState) -> Result
 /// objects (a virtio transport's device). Every `Persist` type has it.
 pub trait PersistDyn {
     /// Saves the state under `id`.
-    fn save_dyn(&self, id: &str) -> Result<ComponentState, StateError>;
+    fn save_dyn(&self, id: &str) -> Result<SavedState, StateError>;
     /// Restores it from `saved`.
     fn restore_dyn(&mut self, saved: &ComponentState) -> Result<(), StateError>;
     /// Checks that `saved` fits.
@@ -212,7 +249,7 @@ pub trait PersistDyn {
 }
 
 impl<T: Persist> PersistDyn for T {
-    fn save_dyn(&self, id: &str) -> Result<ComponentState, StateError> {
+    fn save_dyn(&self, id: &str) -> Result<SavedState, StateError> {
         save_as(self, id)
     }
 
@@ -229,7 +266,7 @@ impl<T: Persist> PersistDyn for T {
 /// it: the object-safe face of [`Persist`] the machine's walk uses.
 pub trait Component: Send + Sync {
     /// Saves the component's state under `id`.
-    fn save_state(&self, id: &str) -> Result<ComponentState, StateError>;
+    fn save_state(&self, id: &str) -> Result<SavedState, StateError>;
     /// Restores it from `saved`.
     fn restore_state(&self, saved: &ComponentState) -> Result<(), StateError>;
     /// Checks that `saved` fits, changing nothing.
@@ -237,7 +274,7 @@ pub trait Component: Send + Sync {
 }
 
 impl<T: PersistDyn + Send> Component for Mutex<T> {
-    fn save_state(&self, id: &str) -> Result<ComponentState, StateError> {
+    fn save_state(&self, id: &str) -> Result<SavedState, StateError> {
         self.lock().unwrap_or_else(|e| e.into_inner()).save_dyn(id)
     }
 
@@ -252,6 +289,11 @@ impl<T: PersistDyn + Send> Component for Mutex<T> {
             .unwrap_or_else(|e| e.into_inner())
             .restore_dyn(saved)
     }
+}
+
+/// Encodes saved states, in order.
+pub fn encode_all(saved: &[SavedState]) -> Result<Vec<ComponentState>, StateError> {
+    saved.iter().map(SavedState::encode).collect()
 }
 
 /// A machine's components, in the order they are saved and restored.
@@ -282,8 +324,9 @@ impl Components {
         self.list.iter().map(|(i, _)| i.as_str()).collect()
     }
 
-    /// Saves every component, in order.
-    pub fn save_all(&self) -> Result<Vec<ComponentState>, StateError> {
+    /// Saves every component, in order (encode them with
+    /// [`encode_all`] once the hurry is over).
+    pub fn save_all(&self) -> Result<Vec<SavedState>, StateError> {
         self.list.iter().map(|(id, c)| c.save_state(id)).collect()
     }
 
@@ -386,7 +429,7 @@ mod tests {
             label: "x".into(),
         }));
         let all = registry(&c);
-        let saved = all.save_all().unwrap();
+        let saved = encode_all(&all.save_all().unwrap()).unwrap();
         assert_eq!(saved.len(), 1);
         assert_eq!((saved[0].kind.as_str(), saved[0].version), ("counter", 2));
         c.lock().unwrap().label.clear();
@@ -420,7 +463,7 @@ mod tests {
     fn mismatches_are_refused_with_the_component_named() {
         let c = Arc::new(Mutex::new(Counter::default()));
         let all = registry(&c);
-        let good = all.save_all().unwrap().remove(0);
+        let good = encode_all(&all.save_all().unwrap()).unwrap().remove(0);
         let err = |s: ComponentState| {
             all.check(std::slice::from_ref(&s))
                 .and_then(|()| all.restore_all(&[s]))

@@ -290,7 +290,7 @@ impl Persist for MmioTransport {
             interrupt_status: self.irq.status(),
             activated: self.activated,
             queues,
-            device: Some(self.device.save_dyn("device")?),
+            device: Some(self.device.save_dyn("device")?.encode()?),
         })
     }
 

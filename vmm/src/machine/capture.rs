@@ -8,7 +8,7 @@ use std::time::Instant;
 use snapshot::live::ArmedSnapshot;
 use snapshot::memory_file::MemoryFileWriter;
 
-use super::state::MachineState;
+use super::state::SavedMachine;
 use super::vm::{Vm, VmError};
 
 /// What a capture needs besides the VM.
@@ -30,8 +30,9 @@ pub struct CaptureRequest<'a> {
 
 /// A capture that succeeded.
 pub struct Captured {
-    /// Every component's state at the instant.
-    pub state: MachineState,
+    /// Every component's state at the instant (encode it once the guest
+    /// runs again).
+    pub state: SavedMachine,
     /// How long the vCPUs were paused for it, microseconds.
     pub pause_us: u64,
     /// When the pause began.
@@ -68,18 +69,32 @@ impl Vm {
         if running {
             self.pause();
         }
+        let t_paused = paused_at.elapsed();
         self.quiesce_devices();
+        let t_quiesced = paused_at.elapsed();
+        let mut t_saved = t_quiesced;
+        let mut t_forked = t_quiesced;
         let captured = self
             .check_disk_count(new_layers.len())
             .and_then(|()| self.save_state())
             .and_then(|state| {
+                t_saved = paused_at.elapsed();
                 for (d, l) in self.disk_backends.iter().zip(new_layers) {
                     d.fork(l)?;
                 }
+                t_forked = paused_at.elapsed();
                 armed.freeze(memory)?;
                 Ok(state)
             });
         self.unquiesce_devices();
+        tracing::debug!(
+            "capture: paused after {} us, quiesced {} us, saved {} us, forked {} us, frozen {} us",
+            t_paused.as_micros(),
+            t_quiesced.as_micros(),
+            t_saved.as_micros(),
+            t_forked.as_micros(),
+            paused_at.elapsed().as_micros()
+        );
         let resume = running && (!keep_paused || captured.is_err());
         if resume {
             self.resume();

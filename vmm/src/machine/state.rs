@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use devices::i8042::I8042;
-use devices::persist::{ComponentState, Persist};
+use devices::persist::{encode_all, ComponentState, Persist, SavedState, StateError};
 use devices::serial::SerialDevice;
 use devices::virtio::mmio::MmioTransport;
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,25 @@ pub struct MachineState {
     pub memory: Vec<(u64, u64)>,
     /// Each component's state, in the order the machine saved them.
     pub components: Vec<ComponentState>,
+}
+
+/// A machine's state as saved in the pause, its components' states not
+/// encoded yet.
+pub struct SavedMachine {
+    /// Guest RAM layout.
+    pub memory: Vec<(u64, u64)>,
+    /// Each component's state, in save order.
+    pub components: Vec<SavedState>,
+}
+
+impl SavedMachine {
+    /// Encodes every component's state: what state.bin holds.
+    pub fn encode(&self) -> Result<MachineState, StateError> {
+        Ok(MachineState {
+            memory: self.memory.clone(),
+            components: encode_all(&self.components)?,
+        })
+    }
 }
 
 /// The fixed record of state.bin format 1, field by field as JSON (each

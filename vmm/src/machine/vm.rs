@@ -32,7 +32,7 @@ use super::layout::KVM_TSS_ADDRESS;
 use super::memory::{GuestRam, MemoryError};
 use super::outcome::{Outcome, StopSink};
 use super::pit::Pit;
-use super::state::{ids, MachineState};
+use super::state::{ids, SavedMachine};
 use super::vcpu::control::{Requested, VcpuControl};
 use super::vcpu::state::{VcpuStateError, Vcpus};
 use super::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
@@ -475,9 +475,10 @@ impl Vm {
     }
 
     /// Saves every component's state: a walk over the components. The
-    /// vCPUs must be paused and the devices quiesced.
-    pub fn save_state(&self) -> Result<MachineState, VmError> {
-        Ok(MachineState {
+    /// vCPUs must be paused and the devices quiesced. Encoding the states
+    /// ([`SavedMachine::encode`]) can wait until the guest runs again.
+    pub fn save_state(&self) -> Result<SavedMachine, VmError> {
+        Ok(SavedMachine {
             memory: self.memory_layout(),
             components: self.components.save_all()?,
         })

@@ -20,6 +20,7 @@ use super::{io_err, now_ms, SnapshotError};
 use crate::api::LiveResult;
 use crate::daemon::session::{Power, Session};
 use crate::machine::capture::CaptureRequest;
+use crate::machine::vm::VmError;
 use crate::vmdir::{VmDir, VmToml};
 
 /// What `snapshot create` was asked for.
@@ -253,7 +254,8 @@ impl Session {
             .map_err(SnapshotError::from)
             .and_then(|(stats, file)| {
                 meta.memory_bytes = file.finish()?;
-                captured.state.write(&staging.partial.join("state.bin"))?;
+                let state = captured.state.encode().map_err(VmError::from)?;
+                state.write(&staging.partial.join("state.bin"))?;
                 Ok(stats)
             });
         let stats = match result {

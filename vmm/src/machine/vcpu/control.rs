@@ -172,7 +172,12 @@ impl VcpuControl {
                     while g.requested == Requested::Pause {
                         if g.cmd_seq != *seen {
                             *seen = g.cmd_seq;
-                            let r = match g.cmd.clone() {
+                            // The work runs unlocked, so that all vCPUs do
+                            // theirs at once; the requester waits for every
+                            // result and changes nothing meanwhile.
+                            let cmd = g.cmd.clone();
+                            drop(g);
+                            let r = match cmd {
                                 Some(ParkedCommand::Save) => state::save(index, fd, msrs).map(Some),
                                 Some(ParkedCommand::Restore(states)) => {
                                     match states.get(index as usize) {
@@ -186,6 +191,7 @@ impl VcpuControl {
                                 }
                                 None => Ok(None),
                             };
+                            g = self.lock();
                             if let Some(slot) = g.results.get_mut(index as usize) {
                                 *slot = Some(r);
                             }
