@@ -219,8 +219,9 @@ static u64 now_ns(void)
 
 static const char *cmdline = "";
 
-/* Finds "key=" as a whole word; returns a pointer to the value or 0. */
-static const char *arg(const char *key)
+/* Finds the n-th (0-based) "key=" as a whole word; returns a pointer to
+ * the value or 0. */
+static const char *arg_nth(const char *key, u32 n)
 {
     const char *p = cmdline;
     while (*p) {
@@ -232,12 +233,27 @@ static const char *arg(const char *key)
             k++;
             q++;
         }
-        if (!*k && *q == '=')
+        if (!*k && *q == '=' && n-- == 0)
             return q + 1;
         while (*p && *p != ' ')
             p++;
     }
     return 0;
+}
+
+/* Finds the first "key=" as a whole word. */
+static const char *arg(const char *key)
+{
+    return arg_nth(key, 0);
+}
+
+/* How many times "key=" occurs. */
+static u32 arg_count(const char *key)
+{
+    u32 n = 0;
+    while (arg_nth(key, n))
+        n++;
+    return n;
 }
 
 static int arg_is(const char *key, const char *value)
@@ -454,52 +470,59 @@ static void report_mismatch(u32 cpu, u64 page, u64 gen, u64 word, u64 expected, 
     unlock_print();
 }
 
-/* Runs memstamp as worker `cpu` of `workers` (the share of the area). */
+/* One memstamp pass as vCPU `cpu` over pages [first, last): checks that
+ * every page holds generation gen - 1, writes generation `gen` and prints
+ * the PASS line. */
+static void memstamp_pass(u32 cpu, u64 first, u64 last, u64 gen)
+{
+    u64 bytes_per_ns_budget = rate_mibps; /* MiB/s per vCPU, 0 = unlimited */
+    u64 t0 = now_ns();
+    for (u64 page = first; page < last; page++) {
+        volatile u64 *p = page_addr(page);
+        u64 old = gen > 1 ? stamp_base(page, gen - 1) : 0;
+        u64 new = stamp_base(page, gen);
+        for (u64 i = 0; i < PAGE_SIZE / 8; i++) {
+            u64 expect = gen > 1 ? stamp_word(old, i) : 0;
+            u64 found = p[i];
+            if (found != expect) {
+                report_mismatch(cpu, page, gen - 1, i, expect, found);
+                __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+                guest_exit(STATUS_VERIFY_FAILED);
+                sys_halt();
+            }
+            p[i] = stamp_word(new, i);
+        }
+        if (bytes_per_ns_budget && ((page - first) & 15) == 15) {
+            u64 done = (page - first + 1) * PAGE_SIZE;
+            u64 due = done * 1000000000ull / (bytes_per_ns_budget << 20);
+            while (now_ns() - t0 < due)
+                cpu_relax();
+        }
+    }
+    u64 dt = now_ns() - t0;
+    u64 bytes = (last - first) * PAGE_SIZE;
+    lock_print();
+    puts_("TESTGUEST PASS vcpu=");
+    put_dec(cpu);
+    puts_(" gen=");
+    put_dec(gen);
+    puts_(" pages=");
+    put_dec(last - first);
+    puts_(" ns=");
+    put_dec(dt);
+    puts_(" mibps=");
+    put_dec(dt ? bytes * 1000000000ull / dt >> 20 : 0);
+    puts_("\n");
+    unlock_print();
+}
+
+/* Runs memstamp as worker `worker` of `workers` (the share of the area). */
 static void memstamp(u32 cpu, u32 worker, u32 workers)
 {
     u64 first = area_pages * worker / workers;
     u64 last = area_pages * (worker + 1) / workers;
-    u64 bytes_per_ns_budget = rate_mibps; /* MiB/s per vCPU, 0 = unlimited */
-    for (u64 gen = 1; passes == 0 || gen <= passes; gen++) {
-        u64 t0 = now_ns();
-        for (u64 page = first; page < last; page++) {
-            volatile u64 *p = page_addr(page);
-            u64 old = gen > 1 ? stamp_base(page, gen - 1) : 0;
-            u64 new = stamp_base(page, gen);
-            for (u64 i = 0; i < PAGE_SIZE / 8; i++) {
-                u64 expect = gen > 1 ? stamp_word(old, i) : 0;
-                u64 found = p[i];
-                if (found != expect) {
-                    report_mismatch(cpu, page, gen - 1, i, expect, found);
-                    __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
-                    guest_exit(STATUS_VERIFY_FAILED);
-                    sys_halt();
-                }
-                p[i] = stamp_word(new, i);
-            }
-            if (bytes_per_ns_budget && ((page - first) & 15) == 15) {
-                u64 done = (page - first + 1) * PAGE_SIZE;
-                u64 due = done * 1000000000ull / (bytes_per_ns_budget << 20);
-                while (now_ns() - t0 < due)
-                    cpu_relax();
-            }
-        }
-        u64 dt = now_ns() - t0;
-        u64 bytes = (last - first) * PAGE_SIZE;
-        lock_print();
-        puts_("TESTGUEST PASS vcpu=");
-        put_dec(cpu);
-        puts_(" gen=");
-        put_dec(gen);
-        puts_(" pages=");
-        put_dec(last - first);
-        puts_(" ns=");
-        put_dec(dt);
-        puts_(" mibps=");
-        put_dec(dt ? bytes * 1000000000ull / dt >> 20 : 0);
-        puts_("\n");
-        unlock_print();
-    }
+    for (u64 gen = 1; passes == 0 || gen <= passes; gen++)
+        memstamp_pass(cpu, first, last, gen);
 }
 
 /* ---------------------------------------------------------------- */
@@ -508,7 +531,8 @@ static void memstamp(u32 cpu, u32 worker, u32 workers)
 
 #define VQ_SIZE 8
 #define DISK_BLOCK 4096ull
-#define MAX_DISK_BLOCKS (1u << 20)
+#define MAX_DISK_BLOCKS (1u << 20) /* blocks x disks: one shared generation table */
+#define MAX_DISKS 4
 
 struct vq_desc {
     u64 addr;
@@ -517,49 +541,58 @@ struct vq_desc {
     u16 next;
 };
 
-static struct {
-    struct vq_desc desc[VQ_SIZE];
-} vq_desc_table __attribute__((aligned(4096)));
-static struct {
-    u16 flags;
-    u16 idx;
-    u16 ring[VQ_SIZE];
-    u16 used_event;
-} vq_avail __attribute__((aligned(4096)));
-static struct {
-    u16 flags;
-    u16 idx;
+/* One virtio-blk device: its virtqueue (each ring on its own page), its
+ * request header and status byte, and the driver's state. It all lives in
+ * guest memory, so a snapshot captures it at the same instant as the
+ * device model's side of the queue. */
+struct vdisk {
+    struct vq_desc desc[VQ_SIZE] __attribute__((aligned(4096)));
     struct {
-        u32 id;
-        u32 len;
-    } ring[VQ_SIZE];
-    u16 avail_event;
-} vq_used __attribute__((aligned(4096)));
+        u16 flags;
+        u16 idx;
+        u16 ring[VQ_SIZE];
+        u16 used_event;
+    } avail __attribute__((aligned(4096)));
+    struct {
+        u16 flags;
+        u16 idx;
+        struct {
+            u32 id;
+            u32 len;
+        } ring[VQ_SIZE];
+        u16 avail_event;
+    } used __attribute__((aligned(4096)));
+    struct {
+        u32 type;
+        u32 reserved;
+        u64 sector;
+    } hdr __attribute__((aligned(4096)));
+    volatile u8 status __attribute__((aligned(64)));
+    volatile u32 *vio; /* MMIO registers (the address of virtio_mmio.device=) */
+    u64 base;
+    u32 irq; /* its interrupt line (the driver polls; recorded for messages) */
+    u64 sectors;
+    u16 last_used;
+};
 
-static struct {
-    u32 type;
-    u32 reserved;
-    u64 sector;
-} blk_hdr __attribute__((aligned(64)));
-static volatile u8 blk_status __attribute__((aligned(64)));
+static struct vdisk disks[MAX_DISKS];
+static u32 ndisks; /* the first ndisks virtio_mmio.device= entries are driven */
 static u8 blk_buf[DISK_BLOCK] __attribute__((aligned(4096)));
+/* Expected generation of every block: disk d's table is
+ * disk_gen[d * disk_blocks .. (d + 1) * disk_blocks). */
 static u32 disk_gen[MAX_DISK_BLOCKS];
 
-static volatile u32 *vio;
-static u64 disk_sectors;
-static u16 vq_last_used;
-
-static u32 vio_read(u32 off)
+static u32 vio_read(const struct vdisk *k, u32 off)
 {
-    return vio[off / 4];
+    return k->vio[off / 4];
 }
 
-static void vio_write(u32 off, u32 v)
+static void vio_write(const struct vdisk *k, u32 off, u32 v)
 {
-    vio[off / 4] = v;
+    k->vio[off / 4] = v;
 }
 
-static void disk_fail(const char *what, u64 a, u64 b)
+static void disk_fail(u32 d, const char *what, u64 a, u64 b)
 {
     lock_print();
     puts_("TESTGUEST FAIL workload=diskstamp ");
@@ -568,6 +601,8 @@ static void disk_fail(const char *what, u64 a, u64 b)
     put_hex(a);
     puts_(" ");
     put_hex(b);
+    puts_(" disk=");
+    put_dec(d);
     puts_("\n");
     unlock_print();
     __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
@@ -575,10 +610,11 @@ static void disk_fail(const char *what, u64 a, u64 b)
     sys_halt();
 }
 
-/* Parses the first virtio_mmio.device=<size>@<addr>:<irq> argument. */
-static u64 virtio_mmio_base(void)
+/* Parses the n-th (0-based) virtio_mmio.device=<size>@<addr>:<irq>
+ * argument; returns 0 if it is missing or malformed. */
+static int virtio_mmio_device(u32 n, u64 *base, u32 *irq)
 {
-    const char *v = arg("virtio_mmio.device");
+    const char *v = arg_nth("virtio_mmio.device", n);
     if (!v)
         return 0;
     while (*v && *v != '@' && *v != ' ')
@@ -601,104 +637,116 @@ static u64 virtio_mmio_base(void)
             return 0;
         r = r * 16 + d;
     }
-    return r;
+    u32 i = 0;
+    if (*v == ':')
+        for (v++; *v >= '0' && *v <= '9'; v++)
+            i = i * 10 + (u32)(*v - '0');
+    *base = r;
+    *irq = i;
+    return r != 0;
 }
 
-static void disk_init(void)
+/* Initialises disk d (the d-th virtio_mmio.device= entry). */
+static void disk_init(u32 d)
 {
-    u64 base = virtio_mmio_base();
-    if (!base)
-        disk_fail("no virtio_mmio.device= on the command line", 0, 0);
-    vio = (volatile u32 *)base;
-    if (vio_read(0) != 0x74726976 || vio_read(4) != 2 || vio_read(8) != 2)
-        disk_fail("no virtio 1.x block device at", base, vio_read(8));
-    vio_write(0x70, 0);
-    vio_write(0x70, 1);     /* ACKNOWLEDGE */
-    vio_write(0x70, 1 | 2); /* DRIVER */
-    vio_write(0x14, 1);
-    if (!(vio_read(0x10) & 1))
-        disk_fail("device does not offer VIRTIO_F_VERSION_1", 0, 0);
-    vio_write(0x24, 1);
-    vio_write(0x20, 1); /* VERSION_1 */
-    vio_write(0x24, 0);
-    vio_write(0x20, 1u << 9); /* FLUSH */
-    vio_write(0x70, 1 | 2 | 8);
-    if (!(vio_read(0x70) & 8))
-        disk_fail("device refused our features", vio_read(0x70), 0);
-    vio_write(0x30, 0);
-    if (vio_read(0x34) < VQ_SIZE)
-        disk_fail("queue too small", vio_read(0x34), VQ_SIZE);
-    vio_write(0x38, VQ_SIZE);
-    vio_write(0x80, (u32)(u64)&vq_desc_table);
-    vio_write(0x84, (u32)((u64)&vq_desc_table >> 32));
-    vio_write(0x90, (u32)(u64)&vq_avail);
-    vio_write(0x94, (u32)((u64)&vq_avail >> 32));
-    vio_write(0xa0, (u32)(u64)&vq_used);
-    vio_write(0xa4, (u32)((u64)&vq_used >> 32));
-    vio_write(0x44, 1);
-    vio_write(0x70, 1 | 2 | 8 | 4); /* DRIVER_OK */
-    disk_sectors = (u64)vio_read(0x100) | ((u64)vio_read(0x104) << 32);
-    vq_last_used = vq_used.idx;
+    struct vdisk *k = &disks[d];
+    if (!virtio_mmio_device(d, &k->base, &k->irq))
+        disk_fail(d, "no virtio_mmio.device= on the command line", 0, 0);
+    for (u32 e = 0; e < d; e++)
+        if (disks[e].base == k->base)
+            disk_fail(d, "two virtio_mmio.device= entries at", k->base, e);
+    k->vio = (volatile u32 *)k->base;
+    if (vio_read(k, 0) != 0x74726976 || vio_read(k, 4) != 2 || vio_read(k, 8) != 2)
+        disk_fail(d, "no virtio 1.x block device at", k->base, vio_read(k, 8));
+    vio_write(k, 0x70, 0);
+    vio_write(k, 0x70, 1);     /* ACKNOWLEDGE */
+    vio_write(k, 0x70, 1 | 2); /* DRIVER */
+    vio_write(k, 0x14, 1);
+    if (!(vio_read(k, 0x10) & 1))
+        disk_fail(d, "device does not offer VIRTIO_F_VERSION_1", 0, 0);
+    vio_write(k, 0x24, 1);
+    vio_write(k, 0x20, 1); /* VERSION_1 */
+    vio_write(k, 0x24, 0);
+    vio_write(k, 0x20, 1u << 9); /* FLUSH */
+    vio_write(k, 0x70, 1 | 2 | 8);
+    if (!(vio_read(k, 0x70) & 8))
+        disk_fail(d, "device refused our features", vio_read(k, 0x70), 0);
+    vio_write(k, 0x30, 0);
+    if (vio_read(k, 0x34) < VQ_SIZE)
+        disk_fail(d, "queue too small", vio_read(k, 0x34), VQ_SIZE);
+    vio_write(k, 0x38, VQ_SIZE);
+    vio_write(k, 0x80, (u32)(u64)&k->desc);
+    vio_write(k, 0x84, (u32)((u64)&k->desc >> 32));
+    vio_write(k, 0x90, (u32)(u64)&k->avail);
+    vio_write(k, 0x94, (u32)((u64)&k->avail >> 32));
+    vio_write(k, 0xa0, (u32)(u64)&k->used);
+    vio_write(k, 0xa4, (u32)((u64)&k->used >> 32));
+    vio_write(k, 0x44, 1);
+    vio_write(k, 0x70, 1 | 2 | 8 | 4); /* DRIVER_OK */
+    k->sectors = (u64)vio_read(k, 0x100) | ((u64)vio_read(k, 0x104) << 32);
+    k->last_used = k->used.idx;
 }
 
-/* One request: type 0 read / 1 write / 4 flush of one DISK_BLOCK. */
-static void disk_request(u32 type, u64 block)
+/* One request on disk d: type 0 read / 1 write / 4 flush of one DISK_BLOCK. */
+static void disk_request(u32 d, u32 type, u64 block)
 {
-    blk_hdr.type = type;
-    blk_hdr.reserved = 0;
-    blk_hdr.sector = block * (DISK_BLOCK / 512);
-    blk_status = 0xff;
-    vq_desc_table.desc[0] = (struct vq_desc){(u64)&blk_hdr, 16, 1, 1};
+    struct vdisk *k = &disks[d];
+    k->hdr.type = type;
+    k->hdr.reserved = 0;
+    k->hdr.sector = block * (DISK_BLOCK / 512);
+    k->status = 0xff;
+    k->desc[0] = (struct vq_desc){(u64)&k->hdr, 16, 1, 1};
     if (type == 4) {
-        vq_desc_table.desc[0].next = 2;
+        k->desc[0].next = 2;
     } else {
-        vq_desc_table.desc[1] =
-            (struct vq_desc){(u64)blk_buf, DISK_BLOCK, (u16)(1 | (type == 0 ? 2 : 0)), 2};
+        k->desc[1] = (struct vq_desc){(u64)blk_buf, DISK_BLOCK, (u16)(1 | (type == 0 ? 2 : 0)), 2};
     }
-    vq_desc_table.desc[2] = (struct vq_desc){(u64)&blk_status, 1, 2, 0};
-    u16 idx = vq_avail.idx;
-    vq_avail.ring[idx % VQ_SIZE] = 0;
+    k->desc[2] = (struct vq_desc){(u64)&k->status, 1, 2, 0};
+    u16 idx = k->avail.idx;
+    k->avail.ring[idx % VQ_SIZE] = 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    *(volatile u16 *)&vq_avail.idx = (u16)(idx + 1);
+    *(volatile u16 *)&k->avail.idx = (u16)(idx + 1);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    vio_write(0x50, 0);
+    vio_write(k, 0x50, 0);
     u64 t0 = now_ns();
-    u16 last = vq_last_used, seen;
-    while ((seen = *(volatile u16 *)&vq_used.idx) == last) {
+    u16 last = k->last_used, seen;
+    while ((seen = *(volatile u16 *)&k->used.idx) == last) {
         if (now_ns() - t0 > 10000000000ull)
-            disk_fail("request timed out: type/block", type, block);
+            disk_fail(d, "request timed out: type/block", type, block);
         cpu_relax();
     }
-    vq_last_used++;
-    vio_write(0x64, vio_read(0x60)); /* ack any interrupt status */
-    if (blk_status != 0) {
+    k->last_used++;
+    vio_write(k, 0x64, vio_read(k, 0x60)); /* ack any interrupt status */
+    if (k->status != 0) {
         lock_print();
         puts_("TESTGUEST FAIL workload=diskstamp request failed: type=");
         put_dec(type);
         puts_(" block=");
         put_dec(block);
         puts_(" status=");
-        put_dec(blk_status);
+        put_dec(k->status);
         puts_(" used_len=");
-        put_dec(vq_used.ring[(u16)(vq_last_used - 1) % VQ_SIZE].len);
+        put_dec(k->used.ring[(u16)(k->last_used - 1) % VQ_SIZE].len);
         puts_(" used_idx=");
-        put_dec(vq_used.idx);
+        put_dec(k->used.idx);
         puts_(" avail_idx=");
-        put_dec(vq_avail.idx);
+        put_dec(k->avail.idx);
         puts_(" last_used=");
         put_dec(last);
         puts_(" seen_used=");
         put_dec(seen);
         puts_(" last_used_now=");
-        put_dec(*(volatile u16 *)&vq_last_used);
+        put_dec(*(volatile u16 *)&k->last_used);
         puts_(" status_now=");
-        put_dec(*(volatile u8 *)&blk_status);
+        put_dec(k->status);
         puts_(" at=");
-        put_hex((u64)&vq_last_used);
+        put_hex((u64)&k->last_used);
         puts_(",");
-        put_hex((u64)&blk_status);
+        put_hex((u64)&k->status);
         puts_(",");
-        put_hex((u64)&vq_used);
+        put_hex((u64)&k->used);
+        puts_(" disk=");
+        put_dec(d);
         puts_("\n");
         unlock_print();
         __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
@@ -707,64 +755,100 @@ static void disk_request(u32 type, u64 block)
     }
 }
 
+/* The stamp of block b of disk d at generation g (disk 0's is the one the
+ * single-disk guest always used; other disks differ, so a disk served in
+ * another's place is caught). */
+static inline u64 disk_stamp_base(u32 d, u64 b, u64 g)
+{
+    return stamp_base(b ^ 0x8000000000000000ull ^ ((u64)d << 40), g);
+}
+
+/* One diskstamp pass (generation `pass`) over disk d: checks every block
+ * against the generation table, writes the next generation, flushes, and
+ * prints the PASS line. */
+static void diskstamp_disk(u32 d, u64 blocks, u64 pass)
+{
+    u32 *gen = disk_gen + (u64)d * blocks;
+    u64 t0 = now_ns();
+    for (u64 b = 0; b < blocks; b++) {
+        u32 g = gen[b];
+        disk_request(d, 0, b);
+        const u64 *w = (const u64 *)blk_buf;
+        u64 base = g ? disk_stamp_base(d, b, g) : 0;
+        for (u64 i = 0; i < DISK_BLOCK / 8; i++) {
+            u64 expect = g ? stamp_word(base, i) : 0;
+            if (w[i] != expect) {
+                lock_print();
+                puts_("TESTGUEST FAIL vcpu=0 workload=diskstamp block=");
+                put_dec(b);
+                puts_(" expected_gen=");
+                put_dec(g);
+                puts_(" word=");
+                put_dec(i);
+                puts_(" expected=");
+                put_hex(expect);
+                puts_(" found=");
+                put_hex(w[i]);
+                /* Name the generation (and the disk, if another) found. */
+                for (u32 n = 0; n < ndisks; n++) {
+                    u32 e = (d + n) % ndisks, k;
+                    for (k = g > 4 ? g - 4 : 0; k <= g + 4; k++) {
+                        u64 s = k ? stamp_word(disk_stamp_base(e, b, k), i) : 0;
+                        if (s == w[i] && (k != g || e != d) && (k || e == d))
+                            break;
+                    }
+                    if (k <= g + 4) {
+                        puts_(" found_gen=");
+                        put_dec(k);
+                        if (e != d) {
+                            puts_(" found_disk=");
+                            put_dec(e);
+                        }
+                        break;
+                    }
+                }
+                puts_(" disk=");
+                put_dec(d);
+                puts_("\n");
+                unlock_print();
+                __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+                guest_exit(STATUS_VERIFY_FAILED);
+                sys_halt();
+            }
+        }
+        u64 nb = disk_stamp_base(d, b, g + 1);
+        u64 *o = (u64 *)blk_buf;
+        for (u64 i = 0; i < DISK_BLOCK / 8; i++)
+            o[i] = stamp_word(nb, i);
+        disk_request(d, 1, b);
+        gen[b] = g + 1;
+    }
+    disk_request(d, 4, 0);
+    u64 dt = now_ns() - t0;
+    lock_print();
+    puts_("TESTGUEST PASS vcpu=0 workload=diskstamp gen=");
+    put_dec(pass);
+    puts_(" blocks=");
+    put_dec(blocks);
+    puts_(" ns=");
+    put_dec(dt);
+    puts_(" disk=");
+    put_dec(d);
+    puts_("\n");
+    unlock_print();
+}
+
+/* One diskstamp pass over every driven disk, in order. */
+static void diskstamp_pass(u64 blocks, u64 pass)
+{
+    for (u32 d = 0; d < ndisks; d++)
+        diskstamp_disk(d, blocks, pass);
+}
+
 static void diskstamp(u64 blocks, u64 dpasses)
 {
-    u64 t0 = now_ns();
-    for (u64 pass = 1; dpasses == 0 || pass <= dpasses; pass++) {
-        for (u64 b = 0; b < blocks; b++) {
-            u32 g = disk_gen[b];
-            disk_request(0, b);
-            const u64 *w = (const u64 *)blk_buf;
-            u64 base = g ? stamp_base(b ^ 0x8000000000000000ull, g) : 0;
-            for (u64 i = 0; i < DISK_BLOCK / 8; i++) {
-                u64 expect = g ? stamp_word(base, i) : 0;
-                if (w[i] != expect) {
-                    lock_print();
-                    puts_("TESTGUEST FAIL vcpu=0 workload=diskstamp block=");
-                    put_dec(b);
-                    puts_(" expected_gen=");
-                    put_dec(g);
-                    puts_(" word=");
-                    put_dec(i);
-                    puts_(" expected=");
-                    put_hex(expect);
-                    puts_(" found=");
-                    put_hex(w[i]);
-                    for (u32 k = g > 4 ? g - 4 : 0; k <= g + 4; k++) {
-                        u64 e = k ? stamp_word(stamp_base(b ^ 0x8000000000000000ull, k), i) : 0;
-                        if (e == w[i] && k != g) {
-                            puts_(" found_gen=");
-                            put_dec(k);
-                            break;
-                        }
-                    }
-                    puts_("\n");
-                    unlock_print();
-                    __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
-                    guest_exit(STATUS_VERIFY_FAILED);
-                    sys_halt();
-                }
-            }
-            u64 nb = stamp_base(b ^ 0x8000000000000000ull, g + 1);
-            u64 *o = (u64 *)blk_buf;
-            for (u64 i = 0; i < DISK_BLOCK / 8; i++)
-                o[i] = stamp_word(nb, i);
-            disk_request(1, b);
-            disk_gen[b] = g + 1;
-        }
-        disk_request(4, 0);
-        u64 dt = now_ns() - t0;
-        lock_print();
-        puts_("TESTGUEST PASS vcpu=0 workload=diskstamp gen=");
-        put_dec(pass);
-        puts_(" blocks=");
-        put_dec(blocks);
-        puts_(" ns=");
-        put_dec(dt);
-        puts_("\n");
-        unlock_print();
-        t0 = now_ns();
-    }
+    for (u64 pass = 1; dpasses == 0 || pass <= dpasses; pass++)
+        diskstamp_pass(blocks, pass);
 }
 
 /* diskbench: 4 KiB requests, one at a time, over `blocks` blocks in
@@ -785,7 +869,7 @@ static void diskbench(u64 blocks, u64 count)
         } else {
             b = n % blocks;
         }
-        disk_request(write ? 1 : 0, b);
+        disk_request(0, write ? 1 : 0, b);
     }
     u64 dt = now_ns() - t0;
     lock_print();
@@ -832,12 +916,22 @@ static void fail_args(const char *what)
 
 static void run_workload(u32 cpu)
 {
+    if (cpu >= ncpus)
+        sys_halt(); /* a vCPU beyond vcpus= takes no part */
     if (arg_is("workload", "diskstamp")) {
         if (cpu == 0)
             diskstamp(disk_blocks, passes);
         finish_cpu();
+    } else if (arg_is("workload", "memstamp") && with_disk && ncpus == 1) {
+        /* One vCPU does both: a diskstamp pass over every driven disk,
+         * then a memstamp pass over the whole area, and so on. */
+        for (u64 gen = 1; passes == 0 || gen <= passes; gen++) {
+            diskstamp_pass(disk_blocks, gen);
+            memstamp_pass(0, 0, area_pages, gen);
+        }
+        finish_cpu();
     } else if (arg_is("workload", "memstamp") && with_disk) {
-        /* vCPU 0 stamps the disk, the others stamp memory. */
+        /* vCPU 0 stamps the disks, the others stamp memory. */
         if (cpu == 0)
             diskstamp(disk_blocks, passes);
         else
@@ -942,23 +1036,48 @@ static void bsp_main(void)
     }
 
     with_disk = arg_is("workload", "memstamp") && arg_is("disk", "1");
-    if (with_disk && ncpus < 2)
-        fail_args("(memstamp with disk=1 needs 2 or more vCPUs)");
     if (arg_is("workload", "diskstamp") || arg_is("workload", "diskbench") || with_disk) {
         disk_blocks = arg_u64("blocks", 64, &ok);
         if (!ok || disk_blocks == 0 || disk_blocks > MAX_DISK_BLOCKS)
             fail_args("(blocks must be 1..1048576)");
-        disk_init();
-        if (disk_blocks * (DISK_BLOCK / 512) > disk_sectors) {
+        /* diskbench drives the first disk only. */
+        u64 want_disks = arg_is("workload", "diskbench") ? 1 : arg_u64("disks", 1, &ok);
+        if (!ok || want_disks == 0 || want_disks > MAX_DISKS)
+            fail_args("(disks must be 1..4)");
+        if (disk_blocks * want_disks > MAX_DISK_BLOCKS)
+            fail_args("(blocks times disks must be at most 1048576)");
+        u32 found = arg_count("virtio_mmio.device");
+        /* (No device at all with one disk wanted: disk_init(0) says so.) */
+        if (found < want_disks && !(found == 0 && want_disks == 1)) {
             lock_print();
-            puts_("TESTGUEST FAIL bad-arguments blocks=");
-            put_dec(disk_blocks);
-            puts_(" do not fit the disk of ");
-            put_dec(disk_sectors);
-            puts_(" sectors\n");
+            puts_("TESTGUEST FAIL bad-arguments disks=");
+            put_dec(want_disks);
+            puts_(" but the command line names ");
+            put_dec(found);
+            puts_(" virtio_mmio.device= disks cmdline=\"");
+            puts_(cmdline);
+            puts_("\"\n");
             unlock_print();
             guest_exit(STATUS_BAD_ARGS);
             sys_halt();
+        }
+        ndisks = (u32)want_disks;
+        /* Disks beyond ndisks are not touched at all. */
+        for (u32 d = 0; d < ndisks; d++) {
+            disk_init(d);
+            if (disk_blocks * (DISK_BLOCK / 512) > disks[d].sectors) {
+                lock_print();
+                puts_("TESTGUEST FAIL bad-arguments blocks=");
+                put_dec(disk_blocks);
+                puts_(" do not fit the disk of ");
+                put_dec(disks[d].sectors);
+                puts_(" sectors disk=");
+                put_dec(d);
+                puts_("\n");
+                unlock_print();
+                guest_exit(STATUS_BAD_ARGS);
+                sys_halt();
+            }
         }
     }
 
@@ -990,7 +1109,17 @@ static void bsp_main(void)
         puts_(" blocks=");
         put_dec(disk_blocks);
         puts_(" disk_sectors=");
-        put_dec(disk_sectors);
+        put_dec(disks[0].sectors);
+        if (ndisks > 1) {
+            puts_(" disks=");
+            put_dec(ndisks);
+            for (u32 d = 1; d < ndisks; d++) {
+                puts_(" disk");
+                put_dec(d);
+                puts_("_sectors=");
+                put_dec(disks[d].sectors);
+            }
+        }
         puts_(" passes=");
         put_dec(passes);
         puts_(" seed=");

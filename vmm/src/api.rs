@@ -46,6 +46,9 @@ pub struct DiskStatus {
     pub current: PathBuf,
     /// Whether the guest may not write.
     pub readonly: bool,
+    /// Never forked nor rewound by snapshots.
+    #[serde(default)]
+    pub independent: bool,
     /// The chain, top first (or one "error: ..." entry if it is broken).
     pub layers: Vec<String>,
 }

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 /// little room for a kernel.
 pub const MIN_MEMORY: u64 = 2 << 20;
 
+/// The most vCPUs a VM can have (the MP table's limit); the host's KVM may
+/// allow fewer, which `start` checks.
+pub const MAX_VCPUS: u8 = 254;
+
 /// Errors in a configuration value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -21,6 +25,17 @@ pub enum ConfigError {
     /// No vCPUs.
     #[error("--vcpus must be at least 1")]
     NoVcpus,
+    /// More vCPUs than the MP table can describe.
+    #[error("--vcpus {0} is above the limit of {MAX_VCPUS}")]
+    TooManyVcpus(u8),
+    /// Guest memory below what the kernel (and initrd) occupy.
+    #[error("memory size {memory} bytes is too small for the kernel and initrd, which need {needed} bytes (use --memory {}M or more)", needed.div_ceil(1 << 20) + 1)]
+    MemoryTooSmallForKernel {
+        /// The memory size.
+        memory: u64,
+        /// What the kernel image and initrd occupy, from address 0.
+        needed: u64,
+    },
     /// Unknown option in a --disk argument.
     #[error("invalid disk option '{0}': use --disk PATH or --disk PATH,readonly")]
     BadDiskOption(String),
@@ -85,6 +100,22 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// Whether a VM of `self` can take a snapshot of `other`'s hardware
+    /// without being rebuilt: the same memory, vCPUs, disks (count and
+    /// read-only flags) and host-side settings.
+    pub fn same_hardware(&self, other: &VmConfig) -> bool {
+        self.memory == other.memory
+            && self.vcpus == other.vcpus
+            && self.pin_vcpus == other.pin_vcpus
+            && self.huge_pages == other.huge_pages
+            && self.disks.len() == other.disks.len()
+            && self
+                .disks
+                .iter()
+                .zip(&other.disks)
+                .all(|(a, b)| a.readonly == b.readonly)
+    }
+
     /// Checks the values that do not depend on the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.memory < MIN_MEMORY {
@@ -95,6 +126,9 @@ impl VmConfig {
         }
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpus(self.vcpus));
         }
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::TooManyDisks(self.disks.len()));

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_size, DiskConfig, VmConfig, MAX_DISKS};
+use crate::config::{parse_size, ConfigError, DiskConfig, VmConfig, MAX_DISKS, MAX_VCPUS};
 use crate::machine::backend_quirks::{HugePages, PinVcpus};
 
 /// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).
@@ -87,6 +87,11 @@ pub struct DiskEntry {
     /// Refuse guest writes.
     #[serde(default)]
     pub readonly: bool,
+    /// Never forked by a snapshot nor rewound by an apply (Hyper-V's
+    /// pass-through disks): `current` is always `base`, and snapshots
+    /// capture only whether it is attached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub independent: bool,
 }
 
 /// The contents of vm.toml.
@@ -280,9 +285,22 @@ impl VmDir {
         if t.name.trim().is_empty() {
             return Err(self.key_err("name", "must not be empty"));
         }
-        parse_size(&t.memory).map_err(|e| self.key_err("memory", e.to_string()))?;
+        let memory = parse_size(&t.memory).map_err(|e| self.key_err("memory", e.to_string()))?;
         if t.vcpus == 0 {
             return Err(self.key_err("vcpus", "must be at least 1"));
+        }
+        if t.vcpus > MAX_VCPUS {
+            return Err(self.key_err(
+                "vcpus",
+                format!("{} is above the limit of {MAX_VCPUS}", t.vcpus),
+            ));
+        }
+        match self.vm_config(t)?.validate() {
+            Ok(()) => {}
+            Err(e @ (ConfigError::MemoryTooSmall(_) | ConfigError::MemoryUnaligned(_))) => {
+                return Err(self.key_err("memory", e.to_string()))
+            }
+            Err(e) => return Err(self.key_err("disk", e.to_string())),
         }
         if !self.resolve(&t.kernel).is_file() {
             return Err(self.key_err(
@@ -298,6 +316,7 @@ impl VmDir {
                 ));
             }
         }
+        self.check_fits(t, memory)?;
         if t.disks.len() > MAX_DISKS {
             return Err(self.key_err("disk", format!("at most {MAX_DISKS} disks")));
         }
@@ -318,6 +337,12 @@ impl VmDir {
                     format!("'{}' is used twice", d.name),
                 ));
             }
+            if d.independent && d.current != d.base {
+                return Err(self.key_err(
+                    &format!("{key}.current"),
+                    "an independent disk has no layers: current must be its base",
+                ));
+            }
             for (k, p) in [("base", &d.base), ("current", &d.current)] {
                 if !self.resolve(p).is_file() {
                     return Err(self.key_err(
@@ -326,6 +351,26 @@ impl VmDir {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that the kernel and initrd fit in `memory` bytes.
+    fn check_fits(&self, t: &VmToml, memory: u64) -> Result<(), VmDirError> {
+        let kernel = crate::machine::boot::memory_needed(&self.resolve(&t.kernel))
+            .map_err(|e| self.key_err("kernel", e.to_string()))?;
+        let initrd = match &t.initrd {
+            Some(i) => std::fs::metadata(self.resolve(i))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            None => 0,
+        };
+        let needed = kernel.saturating_add(initrd);
+        if needed > memory {
+            return Err(self.key_err(
+                "memory",
+                ConfigError::MemoryTooSmallForKernel { memory, needed }.to_string(),
+            ));
         }
         Ok(())
     }
@@ -449,16 +494,34 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
     if root.join("vm.toml").exists() {
         return Err(VmDirError::Exists(root.to_path_buf()));
     }
-    parse_size(&req.memory).map_err(|e| VmDirError::Key {
-        path: root.join("vm.toml"),
-        key: "memory".into(),
-        message: e.to_string(),
-    })?;
-    crate::machine::boot::detect_format(&req.kernel).map_err(|e| VmDirError::Key {
-        path: root.join("vm.toml"),
-        key: "kernel".into(),
-        message: e.to_string(),
-    })?;
+    // Every value is checked before anything is created or copied: the
+    // same checks `load` runs, on the files where they are now.
+    let draft = VmToml {
+        name: "vm".into(),
+        kernel: absolute(&req.kernel).map_err(|_| VmDirError::Key {
+            path: root.join("vm.toml"),
+            key: "kernel".into(),
+            message: format!("{} does not exist", req.kernel.display()),
+        })?,
+        initrd: match &req.initrd {
+            Some(i) => Some(absolute(i).map_err(|_| VmDirError::Key {
+                path: root.join("vm.toml"),
+                key: "initrd".into(),
+                message: format!("{} does not exist", i.display()),
+            })?),
+            None => None,
+        },
+        cmdline: req.cmdline.clone(),
+        memory: req.memory.clone(),
+        vcpus: req.vcpus,
+        pin_vcpus: req.pin_vcpus,
+        huge_pages: req.huge_pages,
+        disks: vec![],
+    };
+    let at_root = VmDir {
+        root: root.to_path_buf(),
+    };
+    at_root.validate(&draft)?;
     let mut disk_formats = Vec::new();
     for d in &req.disks {
         let chain = snapshot::disk::resolve_chain(&d.path).map_err(|e| VmDirError::Key {
@@ -524,6 +587,7 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
             current: base.clone(),
             base,
             readonly: d.readonly,
+            independent: false,
         });
     }
     let name = root
@@ -558,8 +622,14 @@ mod tests {
     }
 
     fn sample(root: &Path) -> VmDir {
+        // An ELF header (64-bit, little-endian) with no program headers:
+        // enough for the checks, which read the load segments.
         let k = root.join("k.elf");
-        std::fs::write(&k, b"\x7fELF not really").unwrap();
+        let mut elf = vec![0u8; 64];
+        elf[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        elf[0x20] = 64; // e_phoff
+        elf[0x36] = 56; // e_phentsize
+        std::fs::write(&k, elf).unwrap();
         let disk = root.join("d.raw");
         std::fs::write(&disk, vec![0u8; 4096]).unwrap();
         create(
@@ -629,6 +699,51 @@ mod tests {
             assert!(e.contains(want), "expected {want} in: {e}");
             assert!(e.contains("vm.toml"), "{e}");
         }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// `create` refuses values `start` would refuse, before it copies
+    /// anything: a memory size the kernel does not fit in, too few or too
+    /// many vCPUs, a memory size that is no size.
+    #[test]
+    fn create_checks_what_start_would_refuse() {
+        let root = tmp("checks");
+        // A kernel with one load segment ending at 8 MiB.
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        elf[0x20] = 64;
+        elf[0x36] = 56;
+        elf[0x38] = 1;
+        elf[64] = 1; // PT_LOAD
+        elf[64 + 0x18..64 + 0x20].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        elf[64 + 0x28..64 + 0x30].copy_from_slice(&(7u64 << 20).to_le_bytes());
+        let k = root.join("big.elf");
+        std::fs::write(&k, elf).unwrap();
+        let req = |memory: &str, vcpus: u8| CreateRequest {
+            kernel: k.clone(),
+            initrd: None,
+            cmdline: String::new(),
+            memory: memory.into(),
+            vcpus,
+            pin_vcpus: PinVcpus::Auto,
+            huge_pages: HugePages::Auto,
+            disks: vec![],
+            link: false,
+        };
+        for (memory, vcpus, want) in [
+            ("4M", 1, "too small for the kernel"),
+            ("1K", 1, "too small"),
+            ("0", 1, "too small"),
+            ("64M", 0, "key 'vcpus'"),
+            ("64M", 255, "above the limit of 254"),
+            ("lots", 1, "key 'memory'"),
+        ] {
+            let vm = root.join("vm");
+            let e = create(&vm, &req(memory, vcpus)).unwrap_err().to_string();
+            assert!(e.contains(want), "{memory} {vcpus}: {e}");
+            assert!(!vm.exists(), "nothing created for {memory} {vcpus}");
+        }
+        create(&root.join("vm"), &req("9M", 1)).unwrap();
         std::fs::remove_dir_all(&root).unwrap();
     }
 

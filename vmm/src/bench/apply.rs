@@ -29,15 +29,19 @@ enum ApplyMode {
     AfterSnapshot,
     /// Lazy, 50 ms after another apply, whose load is still running.
     DuringLoad,
+    /// Lazy, from a VM with other hardware (half the memory, one vCPU):
+    /// the VMM builds a new VM for the snapshot's hardware.
+    OtherHardware,
     /// All memory read before the vCPUs resume (the baseline).
     Eager,
 }
 
 impl ApplyMode {
-    const ALL: [ApplyMode; 4] = [
+    const ALL: [ApplyMode; 5] = [
         ApplyMode::Lazy,
         ApplyMode::AfterSnapshot,
         ApplyMode::DuringLoad,
+        ApplyMode::OtherHardware,
         ApplyMode::Eager,
     ];
 
@@ -46,6 +50,7 @@ impl ApplyMode {
             ApplyMode::Lazy => "lazy",
             ApplyMode::AfterSnapshot => "lazy, after snapshot",
             ApplyMode::DuringLoad => "lazy, during a load",
+            ApplyMode::OtherHardware => "lazy, other hardware",
             ApplyMode::Eager => "eager (baseline)",
         }
     }
@@ -96,6 +101,9 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let id = snapshot_id(&dir)?;
+            let other = other_hardware_snapshot(&vmdir, &dir, mib).map_err(err)?;
+            // Back on the first snapshot's hardware.
+            apply_job(&id, false)?;
             let mut rows = Vec::new();
             for mode in ApplyMode::ALL {
                 let (mut running, mut pass) = (Vec::new(), Vec::new());
@@ -105,6 +113,11 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
                         ApplyMode::DuringLoad => {
                             apply_job(&id, false)?;
                             std::thread::sleep(Duration::from_millis(50));
+                            None
+                        }
+                        ApplyMode::OtherHardware => {
+                            apply_job(&other, false)?;
+                            wait_loaded(&dir).map_err(err)?;
                             None
                         }
                         _ => None,
@@ -167,6 +180,17 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
             .iter()
             .find(|r| r.0 == ApplyMode::Lazy)
             .map_or(f64::NAN, |r| r.1);
+        let other = rows
+            .iter()
+            .find(|r| r.0 == ApplyMode::OtherHardware)
+            .map_or(f64::NAN, |r| r.1);
+        println!(
+            "{:<10} apply across hardware / same hardware = {:.1} / {:.1} = {:.2}",
+            format!("{mib} MiB"),
+            other,
+            lazy,
+            other / lazy
+        );
         println!(
             "{:<10} {:<22} {:>16.1} {:>18} {:>10}",
             format!("{mib} MiB"),
@@ -202,6 +226,50 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
 struct Starts {
     cold_ms: f64,
     from_ms: f64,
+}
+
+/// Takes a snapshot of the VM with other hardware (half the memory, one
+/// vCPU): stops it, changes its configuration, starts it; returns the id.
+fn other_hardware_snapshot(
+    vmdir: &Path,
+    dir: &crate::vmdir::VmDir,
+    mib: u64,
+) -> Result<String, String> {
+    use crate::daemon::hardware::{change_config, ConfigChange};
+    crate::cli::lifecycle::stop(vmdir, false).map_err(|e| e.to_string())?;
+    let change = ConfigChange {
+        memory: Some(format!("{}M", mib / 2 + 32)),
+        vcpus: Some(1),
+        cmdline: Some(format!(
+            "workload=memstamp mem_mib={} passes=0 rate=200",
+            mib / 4
+        )),
+        ..Default::default()
+    };
+    change_config(dir, &change).map_err(|e| e.to_string())?;
+    crate::cli::lifecycle::start(vmdir, false).map_err(|e| e.to_string())?;
+    let serial = dir.serial_log();
+    let mark = serial_len(&serial);
+    let t0 = Instant::now();
+    while guest_rates(&serial, mark, usize::MAX).is_empty() {
+        if t0.elapsed() > Duration::from_secs(300) {
+            return Err("memstamp did not get going on the other hardware".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    snapshot_id(dir).map_err(|e| e.to_string())
+}
+
+/// Waits for an apply's background memory load to end.
+fn wait_loaded(dir: &crate::vmdir::VmDir) -> Result<(), String> {
+    let t = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let st = client(dir).status().map_err(|e| e.to_string())?;
+        if st.memory_load.is_none() || t.elapsed() > Duration::from_secs(300) {
+            return Ok(());
+        }
+    }
 }
 
 fn measure_starts(vmdir: &Path, snapshot: &str, count: usize) -> Result<Starts, String> {

@@ -51,6 +51,14 @@ pub enum Command {
     /// Snapshots: create, list, apply, delete, export, show, rename, describe.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Show the VM's hardware, or change it (while the VM is off).
+    ///
+    /// Without options it shows memory, vCPUs, kernel, initrd, command line
+    /// and disks. With options it changes them; like Hyper-V, only while the
+    /// VM is off (a running VM is refused: stop it first). Snapshots keep
+    /// the hardware they were taken with, and applying one brings it back.
+    /// Disks are attached and detached with `snapvm disk attach|detach`.
+    Config(ConfigArgs),
     /// Stop the VM (its running state is discarded; disks are flushed).
     Stop {
         /// The VM directory.
@@ -265,6 +273,67 @@ pub enum DiskCommand {
         /// The image.
         path: PathBuf,
     },
+    /// Attach a disk image (raw or qcow2) to a VM that is off, as its last
+    /// disk. The image is copied into VMDIR/disks/ unless --link (or it is
+    /// there already, e.g. a disk detached earlier).
+    Attach {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// The image.
+        path: PathBuf,
+        /// Its name in the VM (default: the first free diskN).
+        #[arg(long)]
+        name: Option<String>,
+        /// Refuse guest writes.
+        #[arg(long)]
+        readonly: bool,
+        /// Never forked by a snapshot nor rewound by an apply (for results
+        /// that must survive reverts); snapshots record only whether it is
+        /// attached. Must be a single image (no backing chain).
+        #[arg(long)]
+        independent: bool,
+        /// Reference the image in place instead of copying it.
+        #[arg(long)]
+        link: bool,
+    },
+    /// Detach disk NAME from a VM that is off. Its files stay, and
+    /// snapshots that have the disk attach it again when applied.
+    Detach {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// The disk's name (see `snapvm config VMDIR`).
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    /// The VM directory.
+    pub vmdir: PathBuf,
+    /// Guest memory, e.g. 512M or 1G.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u8>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Kernel image (copied into VMDIR/kernel/ unless --link).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (copied into VMDIR/kernel/ unless --link).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_initrd")]
+    pub initrd: Option<PathBuf>,
+    /// Boot without an initial ramdisk.
+    #[arg(long)]
+    pub no_initrd: bool,
+    /// Reference --kernel and --initrd in place instead of copying them.
+    #[arg(long)]
+    pub link: bool,
+    /// Print the configuration as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]

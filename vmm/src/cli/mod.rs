@@ -17,6 +17,7 @@ use crate::machine::outcome::Outcome;
 pub mod api_client;
 pub mod args;
 pub mod console;
+pub mod hardware_cmd;
 pub mod lifecycle;
 pub mod progress;
 pub mod render;
@@ -107,6 +108,27 @@ fn disk(cmd: DiskCommand) -> ExitCode {
                 }
             })
             .map_err(|e| e.to_string()),
+        DiskCommand::Attach {
+            vmdir,
+            path,
+            name,
+            readonly,
+            independent,
+            link,
+        } => hardware_cmd::attach(
+            &vmdir,
+            crate::daemon::hardware::Attach {
+                path,
+                name,
+                readonly,
+                independent,
+                link,
+            },
+        )
+        .map_err(|e| e.to_string()),
+        DiskCommand::Detach { vmdir, name } => {
+            hardware_cmd::detach(&vmdir, &name).map_err(|e| e.to_string())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,6 +262,7 @@ fn lifecycle(cmd: Command, hooks: &Hooks) -> ExitCode {
             })
             .map_err(|e| e.to_string()),
         Command::Console { vmdir } => console::console(&vmdir).map_err(|e| e.to_string()),
+        Command::Config(a) => hardware_cmd::config(a).map_err(|e| e.to_string()),
         Command::List { dir, json } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
             lifecycle::list(&dir)

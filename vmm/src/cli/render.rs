@@ -28,9 +28,10 @@ pub fn format_status(v: &VmStatus) -> String {
     );
     for d in &v.disks {
         s += &format!(
-            "  disk {}{}:\n",
+            "  disk {}{}{}:\n",
             d.name,
-            if d.readonly { " (read-only)" } else { "" }
+            if d.readonly { " (read-only)" } else { "" },
+            if d.independent { " (independent)" } else { "" }
         );
         for (i, l) in d.layers.iter().enumerate() {
             let role = if i == 0 { "working layer" } else { "backing" };

@@ -10,7 +10,7 @@ use crate::config::VmConfig;
 use crate::daemon::event_loop::{event_loop, RunError};
 use crate::hooks::Hooks;
 use crate::machine::outcome::Outcome;
-use crate::machine::vm::{Vm, VmError};
+use crate::machine::vm::{Vm, VmError, Wiring};
 
 /// Errors of `snapvm run`.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum ForegroundError {
 
 /// Boots `config` with the console on stdio and runs it to the end.
 pub fn run_foreground(config: &VmConfig, hooks: &Hooks) -> Result<Outcome, ForegroundError> {
-    let mut vm = Vm::create(config, Box::new(std::io::stdout()), hooks)?;
+    let mut vm = Vm::create(config, Wiring::new(Box::new(std::io::stdout()))?, hooks)?;
     let stdin = std::io::stdin();
     let input: Box<dyn MutEventSubscriber> = Box::new(SerialInput::new(vm.serial(), &stdin));
     vm.start(false)?;

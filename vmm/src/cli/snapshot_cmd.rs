@@ -51,6 +51,7 @@ pub fn create(
             "snapshot {} \"{}\" taken (VM off: configuration and disks)",
             m.id, m.name
         );
+        say_not_captured(&dir);
         return Ok(());
     }
     let job = Client::new(&dir.api_socket()).create_snapshot(&CreateSnapshotRequest {
@@ -72,7 +73,20 @@ pub fn create(
         s.memory_bytes >> 20,
         s.duration_ms
     );
+    say_not_captured(&dir);
     Ok(())
+}
+
+/// Names the independent disks a snapshot just taken did not capture.
+fn say_not_captured(dir: &VmDir) {
+    for d in dir.load().map(|t| t.disks).unwrap_or_default() {
+        if d.independent {
+            println!(
+                "disk {} is independent: its data is not captured, only that it is attached",
+                d.name
+            );
+        }
+    }
 }
 
 fn wait_gone(dir: &VmDir) {

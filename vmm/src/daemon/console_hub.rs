@@ -23,11 +23,14 @@ struct Shared {
     clients: Vec<UnixStream>,
 }
 
-/// Fan-out of guest console output.
+/// Fan-out of guest console output, and where console input goes.
 #[derive(Clone)]
 pub struct ConsoleHub {
     shared: Arc<Mutex<Shared>>,
     log: Arc<Mutex<Option<File>>>,
+    /// The UART of the VM running now (a VMM that rebuilds its VM points
+    /// it at the new one).
+    input: Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>,
 }
 
 impl ConsoleHub {
@@ -36,7 +39,13 @@ impl ConsoleHub {
         Self {
             shared: Arc::new(Mutex::new(Shared::default())),
             log: Arc::new(Mutex::new(log)),
+            input: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Sends console input to `serial` from now on.
+    pub fn set_input(&self, serial: Arc<Mutex<SerialDevice>>) {
+        *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(serial);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -57,21 +66,24 @@ impl ConsoleHub {
         s.clients.push(client);
     }
 
-    /// Serves console.sock: attaches clients and feeds their input to `serial`.
-    pub fn serve(&self, listener: UnixListener, serial: Arc<Mutex<SerialDevice>>) {
+    /// Serves console.sock: attaches clients and feeds their input to the
+    /// UART set with [`ConsoleHub::set_input`].
+    pub fn serve(&self, listener: UnixListener) {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
             let Ok(reader) = conn.try_clone() else {
                 continue;
             };
             self.attach(conn);
-            let serial = serial.clone();
-            std::thread::spawn(move || forward_input(reader, serial));
+            let input = self.input.clone();
+            std::thread::spawn(move || forward_input(reader, input));
         }
     }
 }
 
-fn forward_input(mut from: UnixStream, serial: Arc<Mutex<SerialDevice>>) {
+type Input = Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>;
+
+fn forward_input(mut from: UnixStream, input: Input) {
     let _ = from.set_nonblocking(false);
     let mut buf = [0u8; 256];
     loop {
@@ -81,6 +93,8 @@ fn forward_input(mut from: UnixStream, serial: Arc<Mutex<SerialDevice>>) {
                 let mut rest = &buf[..n];
                 // The UART FIFO is small: wait for the guest to drain it.
                 while !rest.is_empty() {
+                    let serial = input.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let Some(serial) = serial else { return };
                     let taken = serial
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

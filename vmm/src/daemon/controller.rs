@@ -62,6 +62,11 @@ impl Controller {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
+    /// Whether the VMM is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     /// The background merges.
     pub fn merger(&self) -> &Merger {
         &self.merger

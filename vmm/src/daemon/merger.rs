@@ -11,6 +11,7 @@ use snapshot::tree::Tree;
 
 use super::jobs::Jobs;
 use super::merges::{self, MergesError, Progress};
+use super::session::Session;
 use crate::api::{JobKind, MergeOutcome, MergeReport};
 use crate::hooks::Hooks;
 use crate::machine::disk_backend::DiskBackend;
@@ -21,7 +22,7 @@ use crate::vmdir::VmDir;
 pub struct Merger {
     dir: VmDir,
     jobs: Arc<Jobs>,
-    disks: Vec<Arc<DiskBackend>>,
+    session: Arc<Session>,
     hooks: Hooks,
     cancel: Arc<AtomicBool>,
     kick: Arc<AtomicU64>,
@@ -29,12 +30,13 @@ pub struct Merger {
 }
 
 impl Merger {
-    /// A merger for the VM in `dir` whose open disks are `disks`.
-    pub fn new(dir: VmDir, jobs: Arc<Jobs>, disks: Vec<Arc<DiskBackend>>, hooks: Hooks) -> Self {
+    /// A merger for the session's VM in `dir` (its open disks are merged
+    /// live).
+    pub fn new(dir: VmDir, jobs: Arc<Jobs>, session: Arc<Session>, hooks: Hooks) -> Self {
         Self {
             dir,
             jobs,
-            disks,
+            session,
             hooks,
             cancel: Arc::new(AtomicBool::new(false)),
             kick: Arc::new(AtomicU64::new(0)),
@@ -62,6 +64,9 @@ impl Merger {
     fn run(&self, job: &super::jobs::JobHandle) -> Result<MergeOutcome, MergesError> {
         let mut sum = MergeReport::default();
         let mut first = true;
+        // The disks of the VM running now (an apply may have rebuilt it;
+        // it stops this job first).
+        let disks: Vec<Arc<DiskBackend>> = self.session.vm().disk_backends();
         loop {
             let generation = self.kick.load(Ordering::SeqCst);
             let report = |done: u64, total: u64| job.progress(done, total);
@@ -70,7 +75,7 @@ impl Merger {
                 report: &report,
                 hooks: &self.hooks,
             };
-            match merges::run(&self.dir, &self.disks, &progress) {
+            match merges::run(&self.dir, &disks, &progress) {
                 Ok(r) => {
                     if first {
                         sum.disk_bytes_before = r.disk_bytes_before;

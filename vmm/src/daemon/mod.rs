@@ -13,12 +13,14 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use devices::exit::ExitNotifier;
+
 use self::console_hub::ConsoleHub;
 use self::controller::Controller;
 use self::event_loop::{event_loop, RunError};
 use self::jobs::Jobs;
 use self::merger::Merger;
-use self::session::{Power, Session};
+use self::session::{Links, Power, Session};
 use self::snapshots::restore::{self, ApplyOptions};
 use self::snapshots::SnapshotError;
 use crate::api::LastExit;
@@ -31,6 +33,7 @@ pub mod api_server;
 pub mod console_hub;
 pub mod controller;
 pub mod event_loop;
+pub mod hardware;
 pub mod jobs;
 pub mod lock;
 pub mod merger;
@@ -93,7 +96,7 @@ fn restore_session(
     dir: &VmDir,
     reference: &str,
     paused: bool,
-    hub: &ConsoleHub,
+    links: &Links,
     hooks: &Hooks,
 ) -> Result<Session, DaemonError> {
     let started = Instant::now();
@@ -105,7 +108,7 @@ fn restore_session(
     let built = dir
         .vm_config(&prepared.config)
         .map_err(DaemonError::from)
-        .and_then(|config| Ok(Vm::create_empty(&config, Box::new(hub.clone()), hooks)?))
+        .and_then(|config| Ok(Vm::create_empty(&config, links.wiring(), hooks)?))
         .and_then(|mut vm| {
             vm.start(true)?;
             Ok(vm)
@@ -124,6 +127,7 @@ fn restore_session(
         prepared.config.clone(),
         Power::Paused,
         hooks.clone(),
+        links.clone(),
     );
     let options = ApplyOptions {
         eager: false,
@@ -177,35 +181,35 @@ pub fn run(
         .append(true)
         .open(dir.serial_log())
         .map_err(io_err("open", &dir.serial_log()))?;
-    let hub = ConsoleHub::new(Some(log));
+    let links = Links {
+        console: ConsoleHub::new(Some(log)),
+        exit: Arc::new(
+            ExitNotifier::new().map_err(io_err("create", Path::new("the exit eventfd")))?,
+        ),
+    };
     let session = match from {
         None => {
-            let mut vm = Vm::create(&dir.vm_config(&toml)?, Box::new(hub.clone()), hooks)?;
+            let mut vm = Vm::create(&dir.vm_config(&toml)?, links.wiring(), hooks)?;
             vm.start(paused)?;
             let power = if paused {
                 Power::Paused
             } else {
                 Power::Running
             };
-            Session::new(vm, dir.clone(), toml, power, hooks.clone())
+            Session::new(vm, dir.clone(), toml, power, hooks.clone(), links.clone())
         }
-        Some(reference) => restore_session(&dir, reference, paused, &hub, hooks)?,
+        Some(reference) => restore_session(&dir, reference, paused, &links, hooks)?,
     };
     let session = Arc::new(session);
     let console =
         console_hub::bind(&dir.console_socket()).map_err(io_err("bind", &dir.console_socket()))?;
-    let serial = session.vm().serial();
-    let hub2 = hub.clone();
-    std::thread::spawn(move || hub2.serve(console, serial));
+    let hub = links.console.clone();
+    std::thread::spawn(move || hub.serve(console));
 
-    let vm_stop_fd = session.vm().stop_eventfd().as_raw_fd();
+    // Every VM of the session reports to the same eventfd.
+    let vm_stop_fd = links.exit.eventfd().as_raw_fd();
     let jobs = Jobs::new();
-    let merger = Merger::new(
-        dir.clone(),
-        jobs.clone(),
-        session.vm().disk_backends(),
-        hooks.clone(),
-    );
+    let merger = Merger::new(dir.clone(), jobs.clone(), session.clone(), hooks.clone());
     let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("create", Path::new("eventfd")))?;
     let controller = Arc::new(Controller::new(session.clone(), jobs, merger, stop_evt));
     let server =
@@ -220,10 +224,17 @@ pub fn run(
     // Merges left by deletes (or an interrupted merge) continue.
     controller.merger().start();
 
-    let sig = event_loop(
-        vec![vm_stop_fd, controller.stop_eventfd().as_raw_fd()],
-        vec![],
-    )?;
+    let sig = loop {
+        let sig = event_loop(
+            vec![vm_stop_fd, controller.stop_eventfd().as_raw_fd()],
+            vec![],
+        )?;
+        // A VM built for an apply that then failed wakes the loop too; the
+        // session's VM goes on unless it is the one that wants to stop.
+        if sig.is_some() || controller.is_stopping() || session.vm().outcome().is_some() {
+            break sig;
+        }
+    };
     controller.set_stopping();
     // A snapshot streaming guest memory finishes before the memory goes.
     controller.wait_jobs();

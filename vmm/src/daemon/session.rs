@@ -7,12 +7,16 @@
 //! Lock order: the power state, then the VM. Pausing, resuming, capturing
 //! and applying take both in that order.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use devices::exit::ExitNotifier;
+
+use super::console_hub::ConsoleHub;
 use crate::api::VmState;
+use crate::config::VmConfig;
 use crate::hooks::Hooks;
-use crate::machine::vm::Vm;
+use crate::machine::vm::{Vm, VmError, Wiring};
 use crate::vmdir::{VmDir, VmToml};
 
 /// Whether the vCPUs of a running VMM run.
@@ -33,6 +37,27 @@ impl From<Power> for VmState {
     }
 }
 
+/// What the VMs of a session are connected to: the console and the stop
+/// notifier the VMM's event loop watches. Every VM the session builds gets
+/// the same.
+#[derive(Clone)]
+pub struct Links {
+    /// Console output and input.
+    pub console: ConsoleHub,
+    /// Where the guest's own stop requests go.
+    pub exit: Arc<ExitNotifier>,
+}
+
+impl Links {
+    /// The wiring of a new VM.
+    pub fn wiring(&self) -> Wiring {
+        Wiring {
+            serial_out: Box::new(self.console.clone()),
+            exit: self.exit.clone(),
+        }
+    }
+}
+
 /// One VMM's VM, directory, configuration and power state.
 pub struct Session {
     vm: Mutex<Vm>,
@@ -40,21 +65,38 @@ pub struct Session {
     toml: Mutex<VmToml>,
     power: Mutex<Power>,
     hooks: Hooks,
+    links: Links,
     started: Instant,
 }
 
 impl Session {
     /// A session for `vm` (whose vCPUs are in `power`), created from the
-    /// VM directory `dir` with configuration `toml`.
-    pub fn new(vm: Vm, dir: VmDir, toml: VmToml, power: Power, hooks: Hooks) -> Self {
+    /// VM directory `dir` with configuration `toml`; `links` are what `vm`
+    /// was built with.
+    pub fn new(vm: Vm, dir: VmDir, toml: VmToml, power: Power, hooks: Hooks, links: Links) -> Self {
+        links.console.set_input(vm.serial());
         Self {
             vm: Mutex::new(vm),
             dir,
             toml: Mutex::new(toml),
             power: Mutex::new(power),
             hooks,
+            links,
             started: Instant::now(),
         }
+    }
+
+    /// The console.
+    pub fn console(&self) -> &ConsoleHub {
+        &self.links.console
+    }
+
+    /// Builds an empty VM with `config`'s hardware, wired like the
+    /// session's, its vCPUs started paused (for an apply).
+    pub fn build_empty(&self, config: &VmConfig) -> Result<Vm, VmError> {
+        let mut vm = Vm::create_empty(config, self.links.wiring(), &self.hooks)?;
+        vm.start(true)?;
+        Ok(vm)
     }
 
     /// The VM directory.

@@ -20,6 +20,7 @@ pub fn disks(dir: &VmDir, toml: &VmToml) -> Vec<DiskStatus> {
                 name: d.name.clone(),
                 current: d.current.clone(),
                 readonly: d.readonly,
+                independent: d.independent,
                 layers,
             }
         })

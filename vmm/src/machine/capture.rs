@@ -20,8 +20,8 @@ pub struct CaptureRequest<'a> {
     /// baseline); the caller resumes it.
     pub keep_paused: bool,
     /// The pre-created overlay each disk moves its writes to, in disk
-    /// order.
-    pub new_layers: &'a [PathBuf],
+    /// order; None for a disk that is not forked (an independent disk).
+    pub new_layers: &'a [Option<PathBuf>],
     /// Guest memory, armed for the snapshot ([`snapshot::live::Tracker::arm`]).
     pub armed: &'a mut ArmedSnapshot,
     /// memory.bin, which the frozen memory streams into afterwards.
@@ -80,7 +80,9 @@ impl Vm {
             .and_then(|state| {
                 t_saved = paused_at.elapsed();
                 for (d, l) in self.disk_backends.iter().zip(new_layers) {
-                    d.fork(l)?;
+                    if let Some(l) = l {
+                        d.fork(l)?;
+                    }
                 }
                 t_forked = paused_at.elapsed();
                 armed.freeze(memory)?;
@@ -111,7 +113,10 @@ impl Vm {
                 let tops = self.disk_tops();
                 let forked = new_layers
                     .iter()
-                    .map(|l| tops.iter().any(|t| t.as_deref() == Some(l.as_path())))
+                    .map(|l| {
+                        l.as_ref()
+                            .is_some_and(|l| tops.iter().any(|t| t.as_deref() == Some(l.as_path())))
+                    })
                     .collect();
                 Err(CaptureError { source, forked })
             }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
-use devices::exit::GuestExit;
+use devices::exit::{ExitNotifier, GuestExit};
 use devices::persist::{Components, StateError};
 use devices::serial::{SerialDevice, SerialOutput};
 use devices::virtio::mmio::MmioTransport;
@@ -187,32 +187,46 @@ fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     })
 }
 
+/// What a VM is connected to in its VMM, besides its configuration.
+pub struct Wiring {
+    /// Guest console output.
+    pub serial_out: SerialOutput,
+    /// Where the guest's own stop requests go. A VMM that rebuilds its VM
+    /// (an apply across different hardware) hands every VM it builds the
+    /// same one, so its event loop keeps watching one eventfd.
+    pub exit: Arc<ExitNotifier>,
+}
+
+impl Wiring {
+    /// Console output to `serial_out`, and a stop notifier of its own.
+    pub fn new(serial_out: SerialOutput) -> Result<Self, VmError> {
+        Ok(Self {
+            serial_out,
+            exit: Arc::new(ExitNotifier::new().map_err(|source| VmError::Device {
+                what: "the exit notifier",
+                source,
+            })?),
+        })
+    }
+}
+
 impl Vm {
     /// Creates the VM described by `config` with its kernel loaded; the
-    /// vCPUs start with [`Vm::start`]. Guest console output goes to
-    /// `serial_out`.
-    pub fn create(
-        config: &VmConfig,
-        serial_out: SerialOutput,
-        hooks: &Hooks,
-    ) -> Result<Self, VmError> {
-        Self::build(config, serial_out, hooks, true)
+    /// vCPUs start with [`Vm::start`].
+    pub fn create(config: &VmConfig, wiring: Wiring, hooks: &Hooks) -> Result<Self, VmError> {
+        Self::build(config, wiring, hooks, true)
     }
 
     /// Creates the VM described by `config` with empty memory and vCPUs in
     /// their reset state, for [`Vm::apply`] to fill from a snapshot (no
     /// kernel is loaded). Start it paused.
-    pub fn create_empty(
-        config: &VmConfig,
-        serial_out: SerialOutput,
-        hooks: &Hooks,
-    ) -> Result<Self, VmError> {
-        Self::build(config, serial_out, hooks, false)
+    pub fn create_empty(config: &VmConfig, wiring: Wiring, hooks: &Hooks) -> Result<Self, VmError> {
+        Self::build(config, wiring, hooks, false)
     }
 
     fn build(
         config: &VmConfig,
-        serial_out: SerialOutput,
+        wiring: Wiring,
         hooks: &Hooks,
         load_kernel: bool,
     ) -> Result<Self, VmError> {
@@ -285,7 +299,7 @@ impl Vm {
                 .to_vec(),
         );
 
-        let devices = vm_devices::create(&vm_fd, &ram, config, serial_out)?;
+        let devices = vm_devices::create(&vm_fd, &ram, config, wiring.serial_out, &wiring.exit)?;
         let boot_state = if load_kernel {
             let cmdline = format!("{}{}", config.cmdline, devices.cmdline);
             Some(boot::load(&ram, config, cmdline.trim())?)
@@ -334,7 +348,7 @@ impl Vm {
             handles: Vec::new(),
             pending_vcpus,
             control,
-            sink: Arc::new(StopSink::new(devices.exit)),
+            sink: Arc::new(StopSink::new(wiring.exit)),
             tracker,
             lazy: Mutex::new(None),
             msrs,

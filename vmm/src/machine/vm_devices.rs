@@ -38,8 +38,6 @@ pub(super) struct Devices {
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// The disks behind them.
     pub disk_backends: Vec<Arc<DiskBackend>>,
-    /// Where the guest's own stop requests go.
-    pub exit: Arc<ExitNotifier>,
     /// What the kernel command line needs to find the virtio devices.
     pub cmdline: String,
     /// The devices with state, in the order they are saved and restored.
@@ -62,17 +60,18 @@ fn bus_err(e: BusError) -> VmError {
 }
 
 /// Creates the devices of `config` for the VM `vm_fd` with guest memory
-/// `ram`; guest console output goes to `serial_out`.
+/// `ram`; guest console output goes to `serial_out`, the guest's own stop
+/// requests to `exit`.
 pub(super) fn create(
     vm_fd: &VmFd,
     ram: &GuestRam,
     config: &VmConfig,
     serial_out: SerialOutput,
+    exit: &Arc<ExitNotifier>,
 ) -> Result<Devices, VmError> {
     let mut components: Vec<(String, Arc<dyn Component>)> = Vec::new();
 
     // Legacy devices.
-    let exit = Arc::new(ExitNotifier::new().map_err(dev_err("the exit notifier"))?);
     let serial_irq = IrqLine::new().map_err(dev_err("the serial interrupt"))?;
     vm_fd
         .register_irqfd(serial_irq.eventfd(), COM1_IRQ)
@@ -146,7 +145,6 @@ pub(super) fn create(
         serial,
         transports,
         disk_backends,
-        exit,
         cmdline,
         components,
     })

@@ -44,8 +44,8 @@ fn default_name(vm: &str) -> String {
 struct Staging {
     id: String,
     partial: PathBuf,
-    /// The new working layer of each disk.
-    layers: Vec<PathBuf>,
+    /// The new working layer of each disk (None: independent, not forked).
+    layers: Vec<Option<PathBuf>>,
 }
 
 impl Staging {
@@ -58,7 +58,7 @@ impl Staging {
         let layers = toml
             .disks
             .iter()
-            .map(|d| dir.layer_path(&d.name, &id[..8]))
+            .map(|d| (!d.independent).then(|| dir.layer_path(&d.name, &id[..8])))
             .collect();
         Ok(Self {
             id,
@@ -70,6 +70,7 @@ impl Staging {
     /// Creates the new working layers over the current ones.
     fn create_layers(&self, dir: &VmDir, toml: &VmToml) -> Result<(), SnapshotError> {
         for (d, new) in toml.disks.iter().zip(&self.layers) {
+            let Some(new) = new else { continue };
             let cur = dir.resolve(&d.current);
             let format = probe_format(&cur)?;
             let size = match format {
@@ -86,7 +87,7 @@ impl Staging {
     /// Removes everything (on failure before the disks were forked).
     fn discard(&self) {
         let _ = std::fs::remove_dir_all(&self.partial);
-        for l in &self.layers {
+        for l in self.layers.iter().flatten() {
             let _ = std::fs::remove_file(l);
         }
     }
@@ -105,9 +106,12 @@ impl Staging {
             pause_us: None,
             memory_bytes: 0,
             duration_ms: 0,
+            // Independent disks are not captured: the configuration copy
+            // records only that they were attached.
             disks: toml
                 .disks
                 .iter()
+                .filter(|d| !d.independent)
                 .map(|d| DiskLayer {
                     name: d.name.clone(),
                     layer: d.current.clone(),
@@ -127,7 +131,7 @@ impl Staging {
     ) -> Result<SnapshotMeta, SnapshotError> {
         VmDir::write_config_copy(&self.partial.join("vm.toml"), frozen)?;
         // The frozen disk layers must be durable too.
-        for d in &frozen.disks {
+        for d in frozen.disks.iter().filter(|d| !d.independent) {
             let p = dir.resolve(&d.current);
             std::fs::File::open(&p)
                 .and_then(|f| f.sync_all())
@@ -228,7 +232,7 @@ impl Session {
                 self.record_layers(&staging.layers, &e.forked);
                 let _ = std::fs::remove_dir_all(&staging.partial);
                 for (l, f) in staging.layers.iter().zip(&e.forked) {
-                    if !f {
+                    if let (Some(l), false) = (l, f) {
                         let _ = std::fs::remove_file(l);
                     }
                 }
@@ -271,11 +275,11 @@ impl Session {
 
     /// Points vm.toml at the new working layers of the disks that were
     /// forked.
-    fn record_layers(&self, layers: &[PathBuf], forked: &[bool]) {
+    fn record_layers(&self, layers: &[Option<PathBuf>], forked: &[bool]) {
         let dir = self.dir();
         let mut t = self.toml();
         for ((d, l), f) in t.disks.iter_mut().zip(layers).zip(forked) {
-            if *f {
+            if let (Some(l), true) = (l, f) {
                 d.current = dir.relative(l);
             }
         }
@@ -299,7 +303,9 @@ pub fn create_off(dir: &VmDir, opts: &CreateOptions) -> Result<SnapshotMeta, Sna
     let frozen = toml.clone();
     let meta = staging.meta(&toml, opts, PowerState::Off);
     for (d, l) in toml.disks.iter_mut().zip(&staging.layers) {
-        d.current = dir.relative(l);
+        if let Some(l) = l {
+            d.current = dir.relative(l);
+        }
     }
     let layers = staging.layers.clone();
     match staging.publish(dir, &frozen, meta, started) {
@@ -308,7 +314,7 @@ pub fn create_off(dir: &VmDir, opts: &CreateOptions) -> Result<SnapshotMeta, Sna
             Ok(m)
         }
         Err(e) => {
-            for l in layers {
+            for l in layers.iter().flatten() {
                 let _ = std::fs::remove_file(l);
             }
             Err(e)

@@ -101,15 +101,23 @@ pub fn export(dir: &VmDir, reference: &str, dest: &Path) -> Result<SnapshotMeta,
             t.initrd = Some(copy_into(&dir.resolve(&i), &fname(&i))?);
         }
         let mut layers = Vec::new();
-        for (d, frozen) in t.disks.iter_mut().zip(&snap.disks) {
+        for d in t.disks.iter_mut() {
             let rel = PathBuf::from("disks").join(format!("{}.raw", d.name));
-            flatten_disk(&dir.resolve(&frozen.layer), &staging.join(&rel))?;
+            // An independent disk was not captured: it is exported as it
+            // is now, and stays independent.
+            let source = match snap.disks.iter().find(|l| l.name == d.name) {
+                Some(frozen) if !d.independent => dir.resolve(&frozen.layer),
+                _ => dir.resolve(&d.current),
+            };
+            flatten_disk(&source, &staging.join(&rel))?;
             d.base = rel.clone();
             d.current = rel.clone();
-            layers.push(DiskLayer {
-                name: d.name.clone(),
-                layer: rel,
-            });
+            if !d.independent {
+                layers.push(DiskLayer {
+                    name: d.name.clone(),
+                    layer: rel,
+                });
+            }
         }
         t.name = dest
             .file_name()

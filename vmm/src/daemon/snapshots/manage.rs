@@ -8,6 +8,7 @@ use snapshot::atomic_file::sync_dir;
 use snapshot::tree::{SnapshotMeta, Tree};
 
 use super::{io_err, SnapshotError};
+use crate::daemon::hardware::Hardware;
 use crate::vmdir::{VmDir, VmToml};
 
 /// Removes `snapshots/<id>.partial` directories and the disk layers they
@@ -160,6 +161,12 @@ pub struct SnapshotDetails {
     pub now_here: bool,
     /// Space it takes.
     pub size_on_disk: SizeOnDisk,
+    /// The hardware it was taken with (applying it brings that back).
+    pub hardware: Hardware,
+    /// What differs in the VM's hardware now, a line each.
+    pub differences: Vec<String>,
+    /// Independent disks it had attached: their data is not captured.
+    pub not_captured: Vec<String>,
 }
 
 /// Space a snapshot takes (allocated blocks).
@@ -188,7 +195,18 @@ pub fn show(dir: &VmDir, reference: &str) -> Result<SnapshotDetails, SnapshotErr
         .iter()
         .map(|d| file_size(&dir.resolve(&d.layer)))
         .sum();
+    let copy = VmDir::read_config_copy(&sdir.join("vm.toml"))?;
+    let hardware = Hardware::from(&copy);
+    let differences = hardware.differences(&Hardware::from(&dir.load()?));
     Ok(SnapshotDetails {
+        not_captured: copy
+            .disks
+            .iter()
+            .filter(|d| d.independent)
+            .map(|d| d.name.clone())
+            .collect(),
+        hardware,
+        differences,
         snapshot: s.clone(),
         children: tree.children(&s.id).iter().map(|c| c.id.clone()).collect(),
         now_here: tree.now.as_deref() == Some(s.id.as_str()),

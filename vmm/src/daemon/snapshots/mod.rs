@@ -66,6 +66,22 @@ pub enum SnapshotError {
     /// The snapshot has no memory (taken powered off) where one is needed.
     #[error("snapshot {0} was taken with the VM off; it has no memory to restore")]
     NoMemory(String),
+    /// An independent disk the snapshot had attached is gone.
+    #[error("the snapshot has independent disk {disk} attached, but {path} no longer exists; put it back (or attach another file under that name) before applying")]
+    MissingIndependentDisk {
+        /// The disk's name.
+        disk: String,
+        /// Its file.
+        path: PathBuf,
+    },
+    /// The snapshot's configuration names a disk it froze no layer of.
+    #[error("snapshot {snapshot} has no disk layer for its disk {disk}; its metadata is damaged")]
+    NoDiskLayer {
+        /// The snapshot.
+        snapshot: String,
+        /// The disk.
+        disk: String,
+    },
 }
 
 impl From<CaptureError> for SnapshotError {

@@ -17,7 +17,7 @@ use crate::api::ApplyResult;
 use crate::daemon::session::{Power, Session};
 use crate::machine::apply::ApplyRequest;
 use crate::machine::state::MachineState;
-use crate::machine::vm::VmError;
+use crate::machine::vm::{Vm, VmError};
 use crate::vmdir::{VmDir, VmToml};
 
 /// What a restore needs, prepared on disk.
@@ -28,11 +28,15 @@ pub struct PreparedRestore {
     pub state: Option<MachineState>,
     /// Its memory.bin.
     pub memory: PathBuf,
-    /// Its configuration, with the new working layers.
+    /// Its configuration (its hardware), with the new working layers.
     pub config: VmToml,
     previous_toml: VmToml,
     previous_tree: Tree,
-    new_layers: Vec<PathBuf>,
+    /// The file each disk of `config` writes: a new working layer, or an
+    /// independent disk's own file.
+    disks: Vec<PathBuf>,
+    /// The layers created for it (removed on rollback).
+    created: Vec<PathBuf>,
 }
 
 /// Checks the files of snapshot `reference` (state.bin, memory.bin's
@@ -57,22 +61,46 @@ pub fn load(dir: &VmDir, reference: &str) -> Result<PreparedRestore, SnapshotErr
     let mut config = VmDir::read_config_copy(&sdir.join("vm.toml"))?;
     let previous_toml = dir.load()?;
     let tag = &uuid::Uuid::new_v4().to_string()[..8];
-    let mut new_layers = Vec::new();
-    for (d, frozen) in config.disks.iter_mut().zip(&snap.disks) {
-        let base = dir.resolve(&frozen.layer);
-        let new = dir.layer_path(&d.name, tag);
-        let created = probe_format(&base).and_then(|format| {
-            let size = Disk::open(&base, true)?.size();
-            create_overlay_sized(&base, format, size, &new)
-        });
-        if let Err(e) = created {
-            for l in &new_layers {
-                let _ = std::fs::remove_file(l);
+    let mut created = Vec::new();
+    let mut disks = Vec::new();
+    let result = (|| {
+        for d in config.disks.iter_mut() {
+            if d.independent {
+                // Not captured: attached as it is, its data untouched.
+                let file = dir.resolve(&d.current);
+                if !file.is_file() {
+                    return Err(SnapshotError::MissingIndependentDisk {
+                        disk: d.name.clone(),
+                        path: file,
+                    });
+                }
+                disks.push(file);
+                continue;
             }
-            return Err(e.into());
+            let frozen = snap
+                .disks
+                .iter()
+                .find(|l| l.name == d.name)
+                .ok_or_else(|| SnapshotError::NoDiskLayer {
+                    snapshot: snap.id.clone(),
+                    disk: d.name.clone(),
+                })?;
+            let base = dir.resolve(&frozen.layer);
+            let new = dir.layer_path(&d.name, tag);
+            let format = probe_format(&base)?;
+            let size = Disk::open(&base, true)?.size();
+            create_overlay_sized(&base, format, size, &new)?;
+            created.push(new.clone());
+            d.current = dir.relative(&new);
+            disks.push(new);
         }
-        d.current = dir.relative(&new);
-        new_layers.push(new);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for l in &created {
+            let _ = std::fs::remove_file(l);
+        }
+        return Err(e);
     }
     config.name = previous_toml.name.clone();
     Ok(PreparedRestore {
@@ -82,7 +110,8 @@ pub fn load(dir: &VmDir, reference: &str) -> Result<PreparedRestore, SnapshotErr
         config,
         previous_toml,
         previous_tree: tree,
-        new_layers,
+        disks,
+        created,
     })
 }
 
@@ -101,7 +130,10 @@ impl PreparedRestore {
     /// Records the restore durably: vm.toml names the new working layers,
     /// "Now" hangs under the snapshot, and the working layers being
     /// replaced are retired (discarded; with --save-current they are
-    /// frozen by a snapshot, which keeps them in use).
+    /// frozen by a snapshot, which keeps them in use). A disk's base image
+    /// is never retired (a disk attached after every snapshot writes its
+    /// base: the apply detaches it, and its image stays), nor an
+    /// independent disk, nor a file the applied configuration still uses.
     pub fn commit(&self, dir: &VmDir) -> Result<(), SnapshotError> {
         dir.save(&self.config)?;
         let id = self.snapshot.id.clone();
@@ -109,6 +141,8 @@ impl PreparedRestore {
             .previous_toml
             .disks
             .iter()
+            .filter(|d| !d.independent && d.current != d.base)
+            .filter(|d| self.config.disks.iter().all(|n| n.current != d.current))
             .map(|d| d.current.clone())
             .collect();
         Tree::update(&dir.tree_path(), |t| {
@@ -119,9 +153,20 @@ impl PreparedRestore {
         Ok(())
     }
 
-    /// The new working layers, in disk order.
-    pub fn new_layers(&self) -> &[PathBuf] {
-        &self.new_layers
+    /// The file each disk writes after the apply, in disk order.
+    pub fn disks(&self) -> &[PathBuf] {
+        &self.disks
+    }
+
+    /// Disks of the VM before the apply that the snapshot's hardware does
+    /// not have: detached by the apply (their files stay).
+    pub fn detached(&self) -> Vec<String> {
+        self.previous_toml
+            .disks
+            .iter()
+            .filter(|d| self.config.disks.iter().all(|n| n.name != d.name))
+            .map(|d| d.name.clone())
+            .collect()
     }
 
     /// Puts vm.toml and "Now" back and removes the new layers.
@@ -138,7 +183,7 @@ impl PreparedRestore {
         }) {
             tracing::error!("cannot restore tree.json: {e}");
         }
-        for l in &self.new_layers {
+        for l in &self.created {
             let _ = std::fs::remove_file(l);
         }
     }
@@ -197,7 +242,10 @@ impl Session {
 
     /// Applies a prepared snapshot to the session's VM (paused for it) and
     /// records it; the VM then continues in the snapshot's power state.
-    /// `started`: when the request arrived (for `apply_ms`).
+    /// When the snapshot's hardware (memory, vCPUs, disks) differs from the
+    /// VM's, a new VM is built for it inside this VMM and takes the old
+    /// one's place once the apply succeeded; the old one goes on untouched
+    /// if it fails. `started`: when the request arrived (for `apply_ms`).
     pub fn apply_prepared(
         &self,
         mut prepared: PreparedRestore,
@@ -207,7 +255,7 @@ impl Session {
         let dir = self.dir();
         // Lock order: power, then the VM (as pause and resume do).
         let mut power = self.power_lock();
-        let vm = self.vm();
+        let mut vm = self.vm();
         let was_running = *power == Power::Running;
         if was_running {
             vm.pause();
@@ -219,26 +267,51 @@ impl Session {
             power_state,
             apply_ms: started.elapsed().as_millis() as u64,
         };
-        let Some(state) = prepared.state.take() else {
+        let state = prepared.state.take();
+        // Undoes everything but a VM that is being stopped.
+        let give_up = |vm: &Vm, power: &mut Power, resume: bool| {
+            prepared.rollback(dir);
+            if was_running && resume {
+                vm.resume();
+                *power = Power::Running;
+            }
+        };
+        let Some(state) = state else {
             // Powered off: disks and configuration are set; the VM goes off.
             if let Err(e) = prepared.commit(dir) {
-                prepared.rollback(dir);
-                if was_running {
-                    vm.resume();
-                    *power = Power::Running;
-                }
+                give_up(&vm, &mut power, true);
                 return Err(e);
             }
             self.set_toml(dir.load()?);
             return Ok(result(PowerState::Off));
         };
+        // The snapshot's hardware: this VM, or a new one built for it.
+        let config = match dir.vm_config(&prepared.config) {
+            Ok(c) => c,
+            Err(e) => {
+                give_up(&vm, &mut power, true);
+                return Err(e.into());
+            }
+        };
+        let rebuilt = if vm.config().same_hardware(&config) {
+            None
+        } else {
+            match self.build_empty(&config) {
+                Ok(new) => Some(new),
+                Err(e) => {
+                    give_up(&vm, &mut power, true);
+                    return Err(e.into());
+                }
+            }
+        };
+        let target: &Vm = rebuilt.as_ref().unwrap_or(&vm);
         // The metadata is written (fsyncs) while the VM's state is replaced.
         let (applied, committed) = std::thread::scope(|s| {
             let commit = s.spawn(|| prepared.commit(dir));
-            let applied = vm.apply(ApplyRequest {
+            let applied = target.apply(ApplyRequest {
                 state,
                 memory: &prepared.memory,
-                disks: prepared.new_layers(),
+                disks: prepared.disks(),
                 eager: options.eager,
             });
             (applied, commit.join())
@@ -251,15 +324,27 @@ impl Session {
             })
         });
         if let Err(e) = applied {
-            prepared.rollback(dir);
-            // Checks that failed changed nothing: the VM goes on as it
-            // was. Past them, the VM's state may be half replaced: it is
-            // being stopped (see Vm::apply) and stays paused until then.
-            if was_running && !matches!(e, VmError::Partial(_)) {
-                vm.resume();
-                *power = Power::Running;
+            // Checks that failed changed nothing, and a new VM that failed
+            // leaves the old one as it was: it goes on. Past the checks, the
+            // VM's state may be half replaced: it is being stopped (see
+            // Vm::apply) and stays paused until then.
+            let untouched = rebuilt.is_some() || !matches!(e, VmError::Partial(_));
+            give_up(&vm, &mut power, untouched);
+            if let Some(new) = rebuilt {
+                discard(new);
             }
             return Err(e.into());
+        }
+        if let Some(new) = rebuilt {
+            let old = std::mem::replace(&mut *vm, new);
+            self.console().set_input(vm.serial());
+            discard(old);
+            tracing::info!(
+                "apply: the VM was rebuilt for the snapshot's hardware ({} MiB, {} vCPUs, {} disks)",
+                vm.config().memory >> 20,
+                vm.config().vcpus,
+                vm.config().disks.len()
+            );
         }
         if let Err(e) = committed {
             // The VM already runs on the new layers: they stay. It stays
@@ -270,6 +355,11 @@ impl Session {
             );
             return Err(e);
         }
+        for d in prepared.detached() {
+            tracing::info!(
+                "apply: disk {d} is not part of the snapshot's hardware: detached (its files stay)"
+            );
+        }
         self.set_toml(dir.load()?);
         let continues = prepared.snapshot.power_state;
         if continues == PowerState::Running && !options.stay_paused {
@@ -277,5 +367,17 @@ impl Session {
             *power = Power::Running;
         }
         Ok(result(continues))
+    }
+}
+
+/// Drops a VM that is no longer used on a thread of its own: freeing its
+/// memory takes long (tens of ms per GiB on 4 KiB pages) and nobody needs
+/// to wait for it.
+fn discard(vm: Vm) {
+    let spawned = std::thread::Builder::new()
+        .name("vm-discard".into())
+        .spawn(move || drop(vm));
+    if let Err(e) = spawned {
+        tracing::warn!("cannot free the replaced VM in the background: {e}");
     }
 }

@@ -40,6 +40,9 @@ pub enum BootError {
     /// Neither ELF nor bzImage.
     #[error("kernel {0} is neither an ELF (vmlinux, PVH) nor a bzImage")]
     UnknownFormat(PathBuf),
+    /// An ELF whose headers are cut short.
+    #[error("ELF kernel {0} is malformed: its program headers are cut short")]
+    MalformedElf(PathBuf),
     /// An ELF without a PVH entry note.
     #[error("ELF kernel {0} has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH=y")]
     NoPvhEntry(PathBuf),
@@ -202,4 +205,56 @@ fn initrd_placement(
             message: e.to_string(),
         })?;
     Ok(InitrdPlacement { addr, size })
+}
+
+/// How much guest memory, from address 0, the kernel at `path` occupies
+/// once loaded: the end of its highest ELF load segment, or for a bzImage
+/// the 1 MiB load address plus the memory its setup header asks for
+/// (`init_size`, boot protocol 2.10 and later; the file's size before).
+/// Configuration checks use it to refuse a memory size the kernel cannot
+/// fit in before a VM is started.
+pub fn memory_needed(path: &Path) -> Result<u64, BootError> {
+    let data = std::fs::read(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    match detect_format(path)? {
+        KernelFormat::Elf => {
+            let bad = || BootError::MalformedElf(path.to_path_buf());
+            let phoff = u64_at(0x20).ok_or_else(bad)? as usize;
+            let entsize = u16_at(0x36).ok_or_else(bad)? as usize;
+            let count = u16_at(0x38).ok_or_else(bad)? as usize;
+            let mut end = 0u64;
+            for i in 0..count {
+                let ph = phoff.saturating_add(i.saturating_mul(entsize));
+                const PT_LOAD: u32 = 1;
+                if u32_at(ph) != Some(PT_LOAD) {
+                    continue;
+                }
+                let paddr = u64_at(ph + 0x18).ok_or_else(bad)?;
+                let memsz = u64_at(ph + 0x28).ok_or_else(bad)?;
+                end = end.max(paddr.saturating_add(memsz));
+            }
+            Ok(end)
+        }
+        KernelFormat::BzImage => {
+            let version = u16_at(0x206).unwrap_or(0);
+            let init_size = match u32_at(0x260) {
+                Some(s) if version >= 0x20a => s as u64,
+                _ => data.len() as u64,
+            };
+            Ok(HIMEM_START + init_size)
+        }
+    }
 }
