@@ -113,7 +113,7 @@ fn apply_brings_back_the_hardware_of_its_snapshot() {
             "--vcpus",
             "1",
             "--cmdline",
-            &format!("{GUEST} disks=2"),
+            &format!("{GUEST} disks=2 adopt=1"),
         ],
     );
     let disk1 = vm.root.join("disk1.raw");
@@ -125,7 +125,8 @@ fn apply_brings_back_the_hardware_of_its_snapshot() {
     assert_eq!(shown["vcpus"], 1);
     assert_eq!(disk_names(&shown), ["disk0", "disk1"]);
 
-    // A fresh boot on the new hardware stamps both disks on one vCPU.
+    // A fresh boot on the new hardware stamps both disks on one vCPU (disk0
+    // as the earlier run left it: adopt=1).
     let mark = vm.serial().len();
     vm.ok(&["start"]);
     let out = vm.wait_serial(mark, "disk=1", 1, T);

@@ -839,6 +839,33 @@ static void diskstamp_disk(u32 d, u64 blocks, u64 pass)
 }
 
 /* One diskstamp pass over every driven disk, in order. */
+/* adopt=1: a disk that holds stamps already (a fresh boot on the disk of
+ * an earlier run, e.g. after its VM's hardware changed) is taken as it is:
+ * each block's generation is the one its first word names (searched up to
+ * ADOPT_MAX_GEN), checked over the whole block. */
+#define ADOPT_MAX_GEN (1u << 20)
+static void disk_adopt(u32 d, u64 blocks)
+{
+    u32 *gen = disk_gen + (u64)d * blocks;
+    for (u64 b = 0; b < blocks; b++) {
+        disk_request(d, 0, b);
+        const u64 *w = (const u64 *)blk_buf;
+        u32 g = 0;
+        if (w[0] != 0) {
+            for (g = 1; g < ADOPT_MAX_GEN; g++)
+                if (stamp_word(disk_stamp_base(d, b, g), 0) == w[0])
+                    break;
+            if (g == ADOPT_MAX_GEN)
+                disk_fail(d, "adopt: no stamp of this disk in block", b, w[0]);
+        }
+        u64 base = g ? disk_stamp_base(d, b, g) : 0;
+        for (u64 i = 0; i < DISK_BLOCK / 8; i++)
+            if (w[i] != (g ? stamp_word(base, i) : 0))
+                disk_fail(d, "adopt: torn stamp in block", b, i);
+        gen[b] = g;
+    }
+}
+
 static void diskstamp_pass(u64 blocks, u64 pass)
 {
     for (u32 d = 0; d < ndisks; d++)
@@ -1078,6 +1105,8 @@ static void bsp_main(void)
                 guest_exit(STATUS_BAD_ARGS);
                 sys_halt();
             }
+            if (arg_is("adopt", "1"))
+                disk_adopt(d, disk_blocks);
         }
     }
 
