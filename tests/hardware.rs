@@ -171,6 +171,20 @@ fn apply_brings_back_the_hardware_of_its_snapshot() {
     apply_and_verify(&vm, &a, 1);
     vm.take("C");
     qemu_img_check(&vm);
+
+    // A disk detached by command stays in the snapshots that have it:
+    // applying B to the VM, off and without disk1, brings disk1 back.
+    vm.ok(&["stop"]);
+    let r = vm.cli2(&["disk", "detach"], &["disk1"]);
+    assert_eq!(r.code(), 1, "A's hardware has no disk1: {r:?}");
+    vm.ok2(&["disk", "detach"], &["results"]);
+    let mark = vm.serial().len();
+    let r = vm.ok2(&["snapshot", "apply"], &[&b]);
+    assert!(r.stdout.contains("the VM is running"), "{r:?}");
+    assert_eq!(disk_names(&vm.status()), ["disk0", "disk1"]);
+    let out = vm.wait_serial(mark, "disk=1", 1, T);
+    assert!(!out.contains("READY"), "continued, not rebooted: {out}");
+    qemu_img_check(&vm);
 }
 
 #[test]

@@ -53,6 +53,17 @@ pub struct DiskStatus {
     pub layers: Vec<String>,
 }
 
+/// One network adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetStatus {
+    /// Name (as in vm.toml).
+    pub name: String,
+    /// The host's TAP device.
+    pub tap: String,
+    /// MAC address.
+    pub mac: String,
+}
+
 /// Merges in progress and layers waiting for one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MergeStatus {
@@ -101,6 +112,9 @@ pub struct VmStatus {
     pub vcpus: u8,
     /// Disks and their layers.
     pub disks: Vec<DiskStatus>,
+    /// Network adapters.
+    #[serde(default)]
+    pub nets: Vec<NetStatus>,
     /// Merges.
     pub merges: MergeStatus,
     /// A lazy memory load still in progress (null when complete, while a

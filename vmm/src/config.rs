@@ -42,6 +42,94 @@ pub enum ConfigError {
     /// More disks than interrupt lines.
     #[error("{0} disks given; snapvm supports at most 16")]
     TooManyDisks(usize),
+    /// More devices (disks and network adapters) than interrupt lines.
+    #[error("{disks} disks and {nets} network adapters: snapvm supports at most {MAX_DEVICES} devices in all")]
+    TooManyDevices {
+        /// Disks.
+        disks: usize,
+        /// Network adapters.
+        nets: usize,
+    },
+    /// A --net argument that does not parse.
+    #[error("invalid network adapter '{0}': use --net tap=NAME or --net tap=NAME,mac=52:54:00:12:34:56")]
+    BadNet(String),
+    /// A MAC address that does not parse or is not a unicast address.
+    #[error("invalid MAC address '{0}': six hex bytes separated by ':', unicast (the first byte even), e.g. 52:54:00:12:34:56")]
+    BadMac(String),
+}
+
+/// Most virtio devices (disks and network adapters) a VM can have.
+pub const MAX_DEVICES: usize = 16;
+
+/// Parses `52:54:00:12:34:56` (unicast only).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::BadMac(s.to_string());
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// A random, locally administered unicast MAC address.
+pub fn random_mac() -> [u8; 6] {
+    let r = uuid::Uuid::new_v4();
+    let b = r.as_bytes();
+    [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// `52:54:00:12:34:56`.
+pub fn mac_text(m: &[u8; 6]) -> String {
+    devices::virtio::net::mac_text(m)
+}
+
+/// One network adapter given to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host's TAP device (created if missing).
+    pub tap: String,
+    /// The adapter's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// What `--net tap=NAME[,mac=MAC]` asks for (the MAC is generated when
+/// none is given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetArg {
+    /// The TAP device.
+    pub tap: String,
+    /// The MAC address, if given.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetArg {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::BadNet(s.to_string());
+        let (mut tap, mut mac) = (None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("tap", v)) if devices::virtio::tap::valid_name(v) => tap = Some(v.to_string()),
+                Some(("mac", v)) => mac = Some(parse_mac(v)?),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(bad)?,
+            mac,
+        })
+    }
 }
 
 /// One disk given to the guest.
@@ -93,6 +181,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Disks, in the order the guest sees them.
     pub disks: Vec<DiskConfig>,
+    /// Network adapters, after the disks.
+    pub nets: Vec<NetConfig>,
     /// Whether vCPU threads are pinned to host CPUs.
     pub pin_vcpus: crate::machine::backend_quirks::PinVcpus,
     /// Whether guest RAM may use transparent huge pages.
@@ -114,6 +204,7 @@ impl VmConfig {
                 .iter()
                 .zip(&other.disks)
                 .all(|(a, b)| a.readonly == b.readonly)
+            && self.nets == other.nets
     }
 
     /// Checks the values that do not depend on the host.
@@ -132,6 +223,12 @@ impl VmConfig {
         }
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        if self.disks.len() + self.nets.len() > MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices {
+                disks: self.disks.len(),
+                nets: self.nets.len(),
+            });
         }
         Ok(())
     }

@@ -20,7 +20,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_size, ConfigError, DiskConfig, VmConfig, MAX_DISKS, MAX_VCPUS};
+use crate::config::{
+    mac_text, parse_mac, parse_size, random_mac, ConfigError, DiskConfig, NetArg, NetConfig,
+    VmConfig, MAX_DISKS, MAX_VCPUS,
+};
+use devices::virtio::tap::valid_name as valid_tap_name;
 use crate::machine::backend_quirks::{HugePages, PinVcpus};
 
 /// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).
@@ -94,6 +98,19 @@ pub struct DiskEntry {
     pub independent: bool,
 }
 
+/// One network adapter in vm.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetEntry {
+    /// Short name ("net0").
+    pub name: String,
+    /// The host's TAP device (created by the VMM if missing, used as it is
+    /// if it exists, e.g. on a bridge).
+    pub tap: String,
+    /// The adapter's MAC address (`52:54:00:12:34:56`).
+    pub mac: String,
+}
+
 /// The contents of vm.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +140,9 @@ pub struct VmToml {
     /// Disks in guest order.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskEntry>,
+    /// Network adapters in guest order (after the disks).
+    #[serde(default, rename = "net", skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetEntry>,
 }
 
 /// Paths of a VM directory.
@@ -317,6 +337,25 @@ impl VmDir {
             }
         }
         self.check_fits(t, memory)?;
+        let mut taps = std::collections::HashSet::new();
+        let mut macs = std::collections::HashSet::new();
+        let mut net_names = std::collections::HashSet::new();
+        for (i, n) in t.nets.iter().enumerate() {
+            let key = format!("net[{i}]");
+            if !valid_tap_name(&n.tap) {
+                return Err(self.key_err(&format!("{key}.tap"), format!("'{}' is not an interface name (1-15 bytes, no '/', ':' or space)", n.tap)));
+            }
+            if !taps.insert(n.tap.clone()) {
+                return Err(self.key_err(&format!("{key}.tap"), format!("'{}' is used twice", n.tap)));
+            }
+            let mac = parse_mac(&n.mac).map_err(|e| self.key_err(&format!("{key}.mac"), e.to_string()))?;
+            if !macs.insert(mac) {
+                return Err(self.key_err(&format!("{key}.mac"), format!("{} is used twice", n.mac)));
+            }
+            if n.name.is_empty() || !net_names.insert(n.name.clone()) {
+                return Err(self.key_err(&format!("{key}.name"), format!("'{}' is empty or used twice", n.name)));
+            }
+        }
         if t.disks.len() > MAX_DISKS {
             return Err(self.key_err("disk", format!("at most {MAX_DISKS} disks")));
         }
@@ -441,6 +480,18 @@ impl VmDir {
                     readonly: d.readonly,
                 })
                 .collect(),
+            nets: t
+                .nets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Ok(NetConfig {
+                        tap: n.tap.clone(),
+                        mac: parse_mac(&n.mac)
+                            .map_err(|e| self.key_err(&format!("net[{i}].mac"), e.to_string()))?,
+                    })
+                })
+                .collect::<Result<_, VmDirError>>()?,
         })
     }
 }
@@ -463,6 +514,8 @@ pub struct CreateRequest {
     pub huge_pages: HugePages,
     /// Disks (path, readonly).
     pub disks: Vec<DiskConfig>,
+    /// Network adapters.
+    pub nets: Vec<NetArg>,
     /// Reference the kernel, initrd and disks in place instead of copying.
     pub link: bool,
 }
@@ -517,6 +570,7 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
         pin_vcpus: req.pin_vcpus,
         huge_pages: req.huge_pages,
         disks: vec![],
+        nets: net_entries(&req.nets),
     };
     let at_root = VmDir {
         root: root.to_path_buf(),
@@ -604,10 +658,24 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
         pin_vcpus: req.pin_vcpus,
         huge_pages: req.huge_pages,
         disks,
+        nets: net_entries(&req.nets),
     };
     dir.validate(&t)?;
     dir.save(&t)?;
     Ok(dir)
+}
+
+/// vm.toml entries for `--net` arguments: named net0, net1, ..., with a
+/// generated MAC where none was given.
+pub fn net_entries(nets: &[NetArg]) -> Vec<NetEntry> {
+    nets.iter()
+        .enumerate()
+        .map(|(i, n)| NetEntry {
+            name: format!("net{i}"),
+            tap: n.tap.clone(),
+            mac: mac_text(&n.mac.unwrap_or_else(random_mac)),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -646,6 +714,7 @@ mod tests {
                     path: disk,
                     readonly: false,
                 }],
+                nets: vec![],
                 link: false,
             },
         )
@@ -728,6 +797,7 @@ mod tests {
             pin_vcpus: PinVcpus::Auto,
             huge_pages: HugePages::Auto,
             disks: vec![],
+            nets: vec![],
             link: false,
         };
         for (memory, vcpus, want) in [

@@ -128,7 +128,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    config_generation: u32,
     activated: bool,
 }
 
@@ -157,7 +156,6 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            config_generation: 0,
             activated: false,
         })
     }
@@ -286,7 +284,7 @@ impl Persist for MmioTransport {
             driver_features_sel: self.driver_features_sel,
             driver_features: self.driver_features,
             queue_sel: self.queue_sel,
-            config_generation: self.config_generation,
+            config_generation: self.irq.config_generation(),
             interrupt_status: self.irq.status(),
             activated: self.activated,
             queues,
@@ -337,7 +335,7 @@ impl Persist for MmioTransport {
         self.driver_features_sel = state.driver_features_sel;
         self.driver_features = state.driver_features;
         self.queue_sel = state.queue_sel;
-        self.config_generation = state.config_generation;
+        self.irq.set_config_generation(state.config_generation);
         self.irq.set_status(state.interrupt_status);
         if !state.activated {
             self.queues = queues;
@@ -413,7 +411,7 @@ impl BusDevice for MmioTransport {
                 .unwrap_or(0),
             0x60 => self.irq.status(),
             0x70 => self.status,
-            0xfc => self.config_generation,
+            0xfc => self.irq.config_generation(),
             _ => 0,
         };
         read_u32(data, v);

@@ -1,7 +1,10 @@
-//! Virtio 1.x devices: the MMIO transport and the block device.
+//! Virtio 1.x devices: the MMIO transport, the block device, and the
+//! network device over a TAP.
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -18,9 +21,11 @@ pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration changed.
 pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
 
-/// A device's interrupt: the MMIO interrupt-status register plus the line.
+/// A device's interrupt: the MMIO interrupt-status register plus the line,
+/// and the configuration generation a configuration change bumps.
 pub struct VirtioInterrupt {
     status: AtomicU32,
+    config_generation: AtomicU32,
     line: IrqLine,
 }
 
@@ -29,8 +34,29 @@ impl VirtioInterrupt {
     pub fn new(line: IrqLine) -> Self {
         Self {
             status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
             line,
         }
+    }
+
+    /// Tells the driver the device's configuration changed.
+    pub fn signal_config_change(&self) {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_CONFIG, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            tracing::warn!("virtio interrupt lost: {e}");
+        }
+    }
+
+    /// The ConfigGeneration register.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// Restores the ConfigGeneration register.
+    pub fn set_config_generation(&self, g: u32) {
+        self.config_generation.store(g, Ordering::SeqCst);
     }
 
     /// Tells the driver a queue has new used buffers.

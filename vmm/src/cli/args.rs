@@ -26,9 +26,14 @@ pub enum Command {
     /// Benchmarks that print a table next to a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Disk images: create qcow2 images and differencing layers, show chains.
+    /// Disk images: create qcow2 images and differencing layers, show chains;
+    /// attach and detach a VM's disks.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Network adapters: attach one on a TAP device to a VM that is off, or
+    /// detach one.
+    #[command(subcommand)]
+    Net(NetCommand),
     /// Create a VM directory (VMDIR/vm.toml, disks/, kernel/, logs/, run/).
     ///
     /// The kernel, initrd and disks are copied into the directory so it is
@@ -234,6 +239,12 @@ pub struct CreateArgs {
     /// A disk (raw or qcow2), repeatable; ",readonly" refuses guest writes.
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     pub disks: Vec<String>,
+    /// A network adapter (virtio-net) on TAP device NAME, repeatable. The
+    /// VMM creates the tap if it does not exist (and it goes away with the
+    /// VMM); an existing one, e.g. on a bridge, is used as it is. Without
+    /// mac= a locally administered MAC is generated and kept in vm.toml.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<String>,
     /// Reference kernel, initrd and disks in place instead of copying them.
     #[arg(long)]
     pub link: bool,
@@ -302,6 +313,29 @@ pub enum DiskCommand {
         /// The VM directory.
         vmdir: PathBuf,
         /// The disk's name (see `snapvm config VMDIR`).
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NetCommand {
+    /// Attach a network adapter on TAP device NAME to a VM that is off.
+    Attach {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// The host's TAP device (created by the VMM if missing).
+        #[arg(long, value_name = "NAME")]
+        tap: String,
+        /// The adapter's MAC address (default: a generated, locally
+        /// administered one).
+        #[arg(long, value_name = "MAC")]
+        mac: Option<String>,
+    },
+    /// Detach network adapter NAME (e.g. net0) from a VM that is off.
+    Detach {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// The adapter's name (see `snapvm config VMDIR`).
         name: String,
     },
 }

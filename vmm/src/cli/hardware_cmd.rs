@@ -16,6 +16,9 @@ pub enum HardwareCmdError {
     /// The change was refused.
     #[error(transparent)]
     Hardware(#[from] HardwareError),
+    /// A value does not parse.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// The hardware as text, a line each.
@@ -33,6 +36,9 @@ pub fn render(h: &Hardware) -> String {
     );
     if h.disks.is_empty() {
         s += "disks: none\n";
+    }
+    for n in &h.nets {
+        s += &format!("net {}: tap {}, MAC {}\n", n.name, n.tap, n.mac);
     }
     for d in &h.disks {
         let mut flags = Vec::new();
@@ -97,6 +103,26 @@ pub fn attach(vmdir: &Path, a: Attach) -> Result<(), HardwareCmdError> {
             ""
         }
     );
+    Ok(())
+}
+
+/// `snapvm net attach`.
+pub fn attach_net(vmdir: &Path, tap: &str, mac: Option<&str>) -> Result<(), HardwareCmdError> {
+    let dir = VmDir::open(vmdir)?;
+    let mac = mac.map(crate::config::parse_mac).transpose()?;
+    let n = hardware::attach_net(&dir, tap, mac)?;
+    println!(
+        "attached network adapter {} on tap {} with MAC {}",
+        n.name, n.tap, n.mac
+    );
+    Ok(())
+}
+
+/// `snapvm net detach`.
+pub fn detach_net(vmdir: &Path, name: &str) -> Result<(), HardwareCmdError> {
+    let dir = VmDir::open(vmdir)?;
+    let n = hardware::detach_net(&dir, name)?;
+    println!("detached network adapter {} (tap {})", n.name, n.tap);
     Ok(())
 }
 

@@ -292,6 +292,7 @@ pub fn status(root: &Path) -> Result<VmStatus, LifecycleError> {
         memory_bytes: crate::config::parse_size(&toml.memory).unwrap_or(0),
         vcpus: toml.vcpus,
         disks: status::disks(&dir, &toml),
+        nets: status::nets(&toml),
         merges: status::merges(&dir, None),
         memory_load: None,
         last_exit,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use self::args::{BenchCommand, Cli, Command, DiskCommand, RunArgs, SnapshotCommand};
+use self::args::{BenchCommand, Cli, Command, DiskCommand, NetCommand, RunArgs, SnapshotCommand};
 use crate::api::{TargetState, VmState};
 use crate::config::{parse_size, DiskConfig, VmConfig};
 use crate::hooks::Hooks;
@@ -150,6 +150,13 @@ fn lifecycle(cmd: Command, hooks: &Hooks) -> ExitCode {
                     Err(e) => return fail(e),
                 }
             }
+            let mut nets = Vec::new();
+            for n in &a.nets {
+                match n.parse::<crate::config::NetArg>() {
+                    Ok(n) => nets.push(n),
+                    Err(e) => return fail(e),
+                }
+            }
             let req = crate::vmdir::CreateRequest {
                 kernel: a.kernel,
                 initrd: a.initrd,
@@ -159,6 +166,7 @@ fn lifecycle(cmd: Command, hooks: &Hooks) -> ExitCode {
                 pin_vcpus: a.pin_vcpus,
                 huge_pages: a.huge_pages,
                 disks,
+                nets,
                 link: a.link,
             };
             crate::vmdir::create(&a.vmdir, &req)
@@ -263,6 +271,12 @@ fn lifecycle(cmd: Command, hooks: &Hooks) -> ExitCode {
             .map_err(|e| e.to_string()),
         Command::Console { vmdir } => console::console(&vmdir).map_err(|e| e.to_string()),
         Command::Config(a) => hardware_cmd::config(a).map_err(|e| e.to_string()),
+        Command::Net(NetCommand::Attach { vmdir, tap, mac }) => {
+            hardware_cmd::attach_net(&vmdir, &tap, mac.as_deref()).map_err(|e| e.to_string())
+        }
+        Command::Net(NetCommand::Detach { vmdir, name }) => {
+            hardware_cmd::detach_net(&vmdir, &name).map_err(|e| e.to_string())
+        }
         Command::List { dir, json } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
             lifecycle::list(&dir)

@@ -38,6 +38,9 @@ pub fn format_status(v: &VmStatus) -> String {
             s += &format!("    {l}  ({role})\n");
         }
     }
+    for n in &v.nets {
+        s += &format!("  net {}: tap {}, MAC {}\n", n.name, n.tap, n.mac);
+    }
     if let Some(l) = &v.memory_load {
         s += &format!(
             "  memory still loading after an apply: {} of {} MiB\n",

@@ -120,6 +120,7 @@ impl ApiBackend for Controller {
             memory_bytes: crate::config::parse_size(&toml.memory).unwrap_or(0),
             vcpus: toml.vcpus,
             disks: status::disks(s.dir(), &toml),
+            nets: status::nets(&toml),
             merges: status::merges(s.dir(), self.jobs.running(&[JobKind::Merge])),
             // Memory still arriving after an apply (instant revert); null
             // when complete, or while a job holds the VM.

@@ -10,8 +10,8 @@ use snapshot::disk::DiskError;
 
 use super::lock::lock_stopped;
 use super::DaemonError;
-use crate::config::{parse_size, MAX_DISKS};
-use crate::vmdir::{DiskEntry, VmDir, VmDirError, VmToml};
+use crate::config::{mac_text, parse_size, random_mac, MAX_DEVICES, MAX_DISKS};
+use crate::vmdir::{DiskEntry, NetEntry, VmDir, VmDirError, VmToml};
 
 /// Errors changing hardware; each names the value or file.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,27 @@ pub enum HardwareError {
     /// No room for another disk.
     #[error("VM {0} already has {MAX_DISKS} disks, the most it can have")]
     TooManyDisks(String),
+    /// No room for another device.
+    #[error("VM {0} already has {MAX_DEVICES} devices (disks and network adapters), the most it can have")]
+    TooManyDevices(String),
+    /// No network adapter of that name.
+    #[error("VM {dir} has no network adapter '{name}' (its adapters: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    NoSuchNet {
+        /// The VM directory.
+        dir: String,
+        /// The name given.
+        name: String,
+        /// The names it has.
+        known: Vec<String>,
+    },
+    /// Another adapter of the VM uses the tap.
+    #[error("tap {tap} is already used by network adapter {net}")]
+    TapInUse {
+        /// The tap.
+        tap: String,
+        /// The adapter.
+        net: String,
+    },
     /// The image is unusable.
     #[error(transparent)]
     Disk(#[from] DiskError),
@@ -88,6 +109,19 @@ pub struct Hardware {
     pub cmdline: String,
     /// Disks in guest order.
     pub disks: Vec<HardwareDisk>,
+    /// Network adapters in guest order.
+    pub nets: Vec<HardwareNet>,
+}
+
+/// One network adapter of [`Hardware`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HardwareNet {
+    /// Name.
+    pub name: String,
+    /// The host's TAP device.
+    pub tap: String,
+    /// MAC address.
+    pub mac: String,
 }
 
 /// One disk of [`Hardware`].
@@ -121,6 +155,15 @@ impl From<&VmToml> for Hardware {
                     file: d.current.clone(),
                     readonly: d.readonly,
                     independent: d.independent,
+                })
+                .collect(),
+            nets: t
+                .nets
+                .iter()
+                .map(|n| HardwareNet {
+                    name: n.name.clone(),
+                    tap: n.tap.clone(),
+                    mac: n.mac.clone(),
                 })
                 .collect(),
         }
@@ -179,6 +222,21 @@ impl Hardware {
         for n in &now.disks {
             if self.disks.iter().all(|disk| disk.name != n.name) {
                 d.push(format!("disk {}: not attached here, attached now", n.name));
+            }
+        }
+        for net in &self.nets {
+            match now.nets.iter().find(|n| n.name == net.name) {
+                None => d.push(format!("network adapter {}: attached here, detached now", net.name)),
+                Some(n) if n.tap != net.tap || !n.mac.eq_ignore_ascii_case(&net.mac) => d.push(format!(
+                    "network adapter {}: tap {} MAC {}, now tap {} MAC {}",
+                    net.name, net.tap, net.mac, n.tap, n.mac
+                )),
+                Some(_) => {}
+            }
+        }
+        for n in &now.nets {
+            if self.nets.iter().all(|net| net.name != n.name) {
+                d.push(format!("network adapter {}: not attached here, attached now", n.name));
             }
         }
         d
@@ -344,6 +402,9 @@ pub fn attach_disk(dir: &VmDir, a: &Attach) -> Result<DiskEntry, HardwareError> 
     if t.disks.len() >= MAX_DISKS {
         return Err(HardwareError::TooManyDisks(root));
     }
+    if t.disks.len() + t.nets.len() >= MAX_DEVICES {
+        return Err(HardwareError::TooManyDevices(root));
+    }
     let abs = std::fs::canonicalize(&a.path).map_err(|source| {
         HardwareError::Disk(DiskError::Open {
             path: a.path.clone(),
@@ -417,6 +478,52 @@ pub fn detach_disk(dir: &VmDir, name: &str) -> Result<DiskEntry, HardwareError> 
     Ok(removed)
 }
 
+/// Attaches a network adapter on tap `tap` (created by the VMM at start if
+/// missing) to the VM in `dir`, which must be off; `mac` is generated
+/// (locally administered) when not given.
+pub fn attach_net(dir: &VmDir, tap: &str, mac: Option<[u8; 6]>) -> Result<NetEntry, HardwareError> {
+    let _lock = lock_off(dir)?;
+    let mut t = dir.load()?;
+    if t.disks.len() + t.nets.len() >= MAX_DEVICES {
+        return Err(HardwareError::TooManyDevices(dir.root().display().to_string()));
+    }
+    if let Some(n) = t.nets.iter().find(|n| n.tap == tap) {
+        return Err(HardwareError::TapInUse {
+            tap: tap.into(),
+            net: n.name.clone(),
+        });
+    }
+    let name = (0..)
+        .map(|i| format!("net{i}"))
+        .find(|n| t.nets.iter().all(|x| x.name != *n))
+        .unwrap_or_else(|| "net".into());
+    let entry = NetEntry {
+        name,
+        tap: tap.into(),
+        mac: mac_text(&mac.unwrap_or_else(random_mac)),
+    };
+    t.nets.push(entry.clone());
+    dir.validate(&t)?;
+    dir.save(&t)?;
+    Ok(entry)
+}
+
+/// Detaches network adapter `name` from the VM in `dir`, which must be off.
+pub fn detach_net(dir: &VmDir, name: &str) -> Result<NetEntry, HardwareError> {
+    let _lock = lock_off(dir)?;
+    let mut t = dir.load()?;
+    let Some(i) = t.nets.iter().position(|n| n.name == name) else {
+        return Err(HardwareError::NoSuchNet {
+            dir: dir.root().display().to_string(),
+            name: name.into(),
+            known: t.nets.iter().map(|n| n.name.clone()).collect(),
+        });
+    };
+    let removed = t.nets.remove(i);
+    dir.save(&t)?;
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,6 +545,7 @@ mod tests {
                     independent: *independent,
                 })
                 .collect(),
+            nets: vec![],
         }
     }
 

@@ -186,6 +186,7 @@ pub fn run(
         exit: Arc::new(
             ExitNotifier::new().map_err(io_err("create", Path::new("the exit eventfd")))?,
         ),
+        taps: crate::machine::tap_pool::TapPool::new(),
     };
     let session = match from {
         None => {

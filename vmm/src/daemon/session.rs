@@ -16,6 +16,7 @@ use super::console_hub::ConsoleHub;
 use crate::api::VmState;
 use crate::config::VmConfig;
 use crate::hooks::Hooks;
+use crate::machine::tap_pool::TapPool;
 use crate::machine::vm::{Vm, VmError, Wiring};
 use crate::vmdir::{VmDir, VmToml};
 
@@ -46,6 +47,8 @@ pub struct Links {
     pub console: ConsoleHub,
     /// Where the guest's own stop requests go.
     pub exit: Arc<ExitNotifier>,
+    /// The TAP devices the VMM holds open.
+    pub taps: Arc<TapPool>,
 }
 
 impl Links {
@@ -54,6 +57,7 @@ impl Links {
         Wiring {
             serial_out: Box::new(self.console.clone()),
             exit: self.exit.clone(),
+            taps: self.taps.clone(),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use snapshot::tree::Tree;
 
-use crate::api::{DiskStatus, JobInfo, MergeStatus};
+use crate::api::{DiskStatus, JobInfo, MergeStatus, NetStatus};
 use crate::vmdir::{VmDir, VmToml};
 
 /// The layers of every disk, top first.
@@ -23,6 +23,18 @@ pub fn disks(dir: &VmDir, toml: &VmToml) -> Vec<DiskStatus> {
                 independent: d.independent,
                 layers,
             }
+        })
+        .collect()
+}
+
+/// The network adapters.
+pub fn nets(toml: &VmToml) -> Vec<NetStatus> {
+    toml.nets
+        .iter()
+        .map(|n| NetStatus {
+            name: n.name.clone(),
+            tap: n.tap.clone(),
+            mac: n.mac.clone(),
         })
         .collect()
 }

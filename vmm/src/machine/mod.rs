@@ -16,6 +16,7 @@ pub mod memory;
 pub mod outcome;
 pub mod pit;
 pub mod state;
+pub mod tap_pool;
 pub mod vcpu;
 pub mod vm;
 mod vm_devices;

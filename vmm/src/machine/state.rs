@@ -25,7 +25,8 @@ use super::vcpu::state::Vcpus;
 pub const STATE_VERSION: u32 = 2;
 
 /// Component ids of the machine, in the order it saves and restores them
-/// (disks follow as "disk0", "disk1", ...).
+/// (disks follow as "disk0", "disk1", ..., then network adapters as
+/// "net0", ...).
 pub mod ids {
     /// All vCPUs.
     pub const VCPUS: &str = "vcpus";
@@ -43,6 +44,11 @@ pub mod ids {
     /// The virtio-blk transport of disk `i`.
     pub fn disk(i: usize) -> String {
         format!("disk{i}")
+    }
+
+    /// The virtio-net transport of network adapter `i`.
+    pub fn net(i: usize) -> String {
+        format!("net{i}")
     }
 }
 

@@ -33,6 +33,7 @@ use super::memory::{GuestRam, MemoryError};
 use super::outcome::{Outcome, StopSink};
 use super::pit::Pit;
 use super::state::{ids, SavedMachine};
+use super::tap_pool::TapPool;
 use super::vcpu::control::{Requested, VcpuControl};
 use super::vcpu::state::{VcpuStateError, Vcpus};
 use super::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
@@ -91,6 +92,9 @@ pub enum VmError {
     /// A disk could not be opened or switched.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// A network adapter's tap could not be opened.
+    #[error(transparent)]
+    Tap(#[from] devices::virtio::tap::TapError),
     /// A component's state could not be saved or restored.
     #[error(transparent)]
     State(#[from] StateError),
@@ -195,6 +199,8 @@ pub struct Wiring {
     /// (an apply across different hardware) hands every VM it builds the
     /// same one, so its event loop keeps watching one eventfd.
     pub exit: Arc<ExitNotifier>,
+    /// The TAP devices network adapters use (shared the same way).
+    pub taps: Arc<TapPool>,
 }
 
 impl Wiring {
@@ -206,6 +212,7 @@ impl Wiring {
                 what: "the exit notifier",
                 source,
             })?),
+            taps: TapPool::new(),
         })
     }
 }
@@ -299,7 +306,7 @@ impl Vm {
                 .to_vec(),
         );
 
-        let devices = vm_devices::create(&vm_fd, &ram, config, wiring.serial_out, &wiring.exit)?;
+        let devices = vm_devices::create(&vm_fd, &ram, config, wiring.serial_out, &wiring)?;
         let boot_state = if load_kernel {
             let cmdline = format!("{}{}", config.cmdline, devices.cmdline);
             Some(boot::load(&ram, config, cmdline.trim())?)

@@ -14,6 +14,7 @@ use devices::irq::IrqLine;
 use devices::persist::Component;
 use devices::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use devices::virtio::VirtioInterrupt;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -23,7 +24,7 @@ use super::disk_backend::DiskBackend;
 use super::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE};
 use super::memory::GuestRam;
 use super::state::ids;
-use super::vm::VmError;
+use super::vm::{VmError, Wiring};
 use crate::config::VmConfig;
 
 /// A VM's devices.
@@ -34,7 +35,7 @@ pub(super) struct Devices {
     pub mmio_bus: Bus,
     /// COM1 (console input goes here).
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// One virtio-mmio transport per disk, in disk order.
+    /// One virtio-mmio transport per disk, then per network adapter.
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// The disks behind them.
     pub disk_backends: Vec<Arc<DiskBackend>>,
@@ -67,8 +68,9 @@ pub(super) fn create(
     ram: &GuestRam,
     config: &VmConfig,
     serial_out: SerialOutput,
-    exit: &Arc<ExitNotifier>,
+    wiring: &Wiring,
 ) -> Result<Devices, VmError> {
+    let exit = &wiring.exit;
     let mut components: Vec<(String, Arc<dyn Component>)> = Vec::new();
 
     // Legacy devices.
@@ -108,18 +110,20 @@ pub(super) fn create(
     let mut cmdline = String::new();
     let mut transports = Vec::new();
     let mut disk_backends = Vec::new();
-    for (i, d) in config.disks.iter().enumerate() {
-        let disk = Arc::new(DiskBackend::new(Disk::open(&d.path, d.readonly)?));
-        disk_backends.push(disk.clone());
+    let mut add = |i: usize,
+                   device: Box<dyn devices::virtio::mmio::VirtioDevice>,
+                   id: String,
+                   mmio_bus: &mut Bus,
+                   cmdline: &mut String|
+     -> Result<Arc<Mutex<MmioTransport>>, VmError> {
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE;
         let irq = VIRTIO_IRQ_BASE + i as u32;
         let line = IrqLine::new().map_err(dev_err("a virtio interrupt"))?;
         vm_fd
             .register_irqfd(line.eventfd(), irq)
             .map_err(kvm_err("connect a virtio interrupt"))?;
-        let block = Block::new(disk, d.readonly, &format!("snapvm-disk{i}"));
         let transport = MmioTransport::new(
-            Box::new(block),
+            device,
             ram.memory().clone(),
             Arc::new(VirtioInterrupt::new(line)),
         )
@@ -130,14 +134,38 @@ pub(super) fn create(
                 .map_err(kvm_err("register a virtio queue notifier"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        transports.push(transport.clone());
         mmio_bus
             .insert(transport.clone(), base, MMIO_WINDOW)
             .map_err(bus_err)?;
-        components.push((ids::disk(i), transport));
+        components.push((id, transport.clone()));
         cmdline.push_str(&format!(
             " virtio_mmio.device={MMIO_WINDOW}@{base:#x}:{irq}"
         ));
+        Ok(transport)
+    };
+    for (i, d) in config.disks.iter().enumerate() {
+        let disk = Arc::new(DiskBackend::new(Disk::open(&d.path, d.readonly)?));
+        disk_backends.push(disk.clone());
+        let block = Block::new(disk, d.readonly, &format!("snapvm-disk{i}"));
+        transports.push(add(
+            i,
+            Box::new(block),
+            ids::disk(i),
+            &mut mmio_bus,
+            &mut cmdline,
+        )?);
+    }
+    // Network adapters: after the disks, on the taps the VMM holds.
+    for (j, n) in config.nets.iter().enumerate() {
+        let tap = wiring.taps.get(&n.tap)?;
+        let net = Net::new(tap, n.mac);
+        transports.push(add(
+            config.disks.len() + j,
+            Box::new(net),
+            ids::net(j),
+            &mut mmio_bus,
+            &mut cmdline,
+        )?);
     }
     Ok(Devices {
         io_bus,
