@@ -8,6 +8,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 /// The `snapvm` binary: `$SNAPVM_BIN`, or the one cargo built next to this
 /// test executable (`cargo build` the workspace first; `.ci/run` does).
 pub fn snapvm_bin() -> PathBuf {
@@ -248,6 +250,18 @@ impl TestVm {
         vcpus: u32,
         disk_mib: u64,
     ) -> Self {
+        Self::create_with(root, cmdline, memory, vcpus, disk_mib, &[])
+    }
+
+    /// [`TestVm::create_in`] with more `snapvm create` options.
+    pub fn create_with(
+        root: &std::path::Path,
+        cmdline: &str,
+        memory: &str,
+        vcpus: u32,
+        disk_mib: u64,
+        extra: &[&str],
+    ) -> Self {
         let _ = std::fs::remove_dir_all(root);
         std::fs::create_dir_all(root).unwrap();
         let dir = root.join("vm");
@@ -274,6 +288,7 @@ impl TestVm {
                 .unwrap();
             args.extend(["--disk", &disk_s]);
         }
+        args.extend_from_slice(extra);
         let r = snapvm(&args);
         assert_eq!(r.code(), 0, "{r:?}");
         Self {

@@ -51,7 +51,9 @@ pub enum ConfigError {
         nets: usize,
     },
     /// A --net argument that does not parse.
-    #[error("invalid network adapter '{0}': use --net tap=NAME or --net tap=NAME,mac=52:54:00:12:34:56")]
+    #[error(
+        "invalid network adapter '{0}': use --net tap=NAME or --net tap=NAME,mac=52:54:00:12:34:56"
+    )]
     BadNet(String),
     /// A MAC address that does not parse or is not a unicast address.
     #[error("invalid MAC address '{0}': six hex bytes separated by ':', unicast (the first byte even), e.g. 52:54:00:12:34:56")]
@@ -120,7 +122,9 @@ impl std::str::FromStr for NetArg {
         let (mut tap, mut mac) = (None, None);
         for kv in s.split(',') {
             match kv.split_once('=') {
-                Some(("tap", v)) if devices::virtio::tap::valid_name(v) => tap = Some(v.to_string()),
+                Some(("tap", v)) if devices::virtio::tap::valid_name(v) => {
+                    tap = Some(v.to_string())
+                }
                 Some(("mac", v)) => mac = Some(parse_mac(v)?),
                 _ => return Err(bad()),
             }
@@ -294,6 +298,7 @@ mod tests {
             memory: 256 << 20,
             vcpus: 1,
             disks: vec![],
+            nets: vec![],
             pin_vcpus: crate::machine::backend_quirks::PinVcpus::Auto,
             huge_pages: crate::machine::backend_quirks::HugePages::Auto,
         };

@@ -24,8 +24,8 @@ use crate::config::{
     mac_text, parse_mac, parse_size, random_mac, ConfigError, DiskConfig, NetArg, NetConfig,
     VmConfig, MAX_DISKS, MAX_VCPUS,
 };
-use devices::virtio::tap::valid_name as valid_tap_name;
 use crate::machine::backend_quirks::{HugePages, PinVcpus};
+use devices::virtio::tap::valid_name as valid_tap_name;
 
 /// Longest path a Unix socket accepts (sun_path is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -343,17 +343,29 @@ impl VmDir {
         for (i, n) in t.nets.iter().enumerate() {
             let key = format!("net[{i}]");
             if !valid_tap_name(&n.tap) {
-                return Err(self.key_err(&format!("{key}.tap"), format!("'{}' is not an interface name (1-15 bytes, no '/', ':' or space)", n.tap)));
+                return Err(self.key_err(
+                    &format!("{key}.tap"),
+                    format!(
+                        "'{}' is not an interface name (1-15 bytes, no '/', ':' or space)",
+                        n.tap
+                    ),
+                ));
             }
             if !taps.insert(n.tap.clone()) {
-                return Err(self.key_err(&format!("{key}.tap"), format!("'{}' is used twice", n.tap)));
+                return Err(
+                    self.key_err(&format!("{key}.tap"), format!("'{}' is used twice", n.tap))
+                );
             }
-            let mac = parse_mac(&n.mac).map_err(|e| self.key_err(&format!("{key}.mac"), e.to_string()))?;
+            let mac = parse_mac(&n.mac)
+                .map_err(|e| self.key_err(&format!("{key}.mac"), e.to_string()))?;
             if !macs.insert(mac) {
                 return Err(self.key_err(&format!("{key}.mac"), format!("{} is used twice", n.mac)));
             }
             if n.name.is_empty() || !net_names.insert(n.name.clone()) {
-                return Err(self.key_err(&format!("{key}.name"), format!("'{}' is empty or used twice", n.name)));
+                return Err(self.key_err(
+                    &format!("{key}.name"),
+                    format!("'{}' is empty or used twice", n.name),
+                ));
             }
         }
         if t.disks.len() > MAX_DISKS {

@@ -128,8 +128,7 @@ impl Handler {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.take(QUEUE_SIZE as usize + 1).collect();
             let total: usize = descs.iter().map(|d| d.len() as usize).sum();
-            if !chain_ok(&descs, false, &self.mem) || total <= VNET_HDR_LEN || total > MAX_FRAME
-            {
+            if !chain_ok(&descs, false, &self.mem) || total <= VNET_HDR_LEN || total > MAX_FRAME {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 done.push(head);
                 continue;
@@ -493,7 +492,8 @@ impl VirtioDevice for Net {
             active,
             notify,
         });
-        if std::mem::take(&mut self.pending.announce) && features & bit(VIRTIO_NET_F_GUEST_ANNOUNCE) != 0
+        if std::mem::take(&mut self.pending.announce)
+            && features & bit(VIRTIO_NET_F_GUEST_ANNOUNCE) != 0
         {
             *self.status.lock().unwrap_or_else(|e| e.into_inner()) |= VIRTIO_NET_S_ANNOUNCE as u16;
             irq.signal_config_change();

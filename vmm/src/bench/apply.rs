@@ -86,6 +86,7 @@ pub fn apply(b: &ApplyBench) -> Result<(), BenchError> {
             pin_vcpus: crate::machine::backend_quirks::PinVcpus::Auto,
             huge_pages: b.huge_pages,
             disks: vec![],
+            nets: vec![],
             link: true,
         };
         let dir = crate::vmdir::create(&vmdir, &req).map_err(|e| err(e.to_string()))?;

@@ -101,6 +101,7 @@ pub fn merge(b: &MergeBench) -> Result<(), BenchError> {
                     path: base.clone(),
                     readonly: false,
                 }],
+                nets: vec![],
                 link: true,
             };
             let dir = crate::vmdir::create(&vmdir, &req).map_err(|e| err(e.to_string()))?;

@@ -82,6 +82,7 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             pin_vcpus: crate::machine::backend_quirks::PinVcpus::Auto,
             huge_pages: crate::machine::backend_quirks::HugePages::Auto,
             disks: vec![],
+            nets: vec![],
             link: true,
         };
         let err = |e: String| BenchError::Guest {

@@ -480,6 +480,11 @@ pub struct RunArgs {
     /// command line (virtio_mmio.device=...).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     pub disks: Vec<String>,
+    /// A network adapter (virtio-net) on TAP device NAME, repeatable; the
+    /// tap is created if it does not exist. Without mac= a locally
+    /// administered MAC is generated.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<String>,
     /// Pin each vCPU thread to one host CPU: auto (on the kvm_pvm backend,
     /// which needs it), on or off.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]

@@ -55,6 +55,16 @@ fn run(args: RunArgs, hooks: &Hooks) -> ExitCode {
             Err(e) => return fail(e),
         }
     }
+    let mut nets = Vec::new();
+    for n in &args.nets {
+        match n.parse::<crate::config::NetArg>() {
+            Ok(n) => nets.push(crate::config::NetConfig {
+                tap: n.tap,
+                mac: n.mac.unwrap_or_else(crate::config::random_mac),
+            }),
+            Err(e) => return fail(e),
+        }
+    }
     let config = VmConfig {
         kernel: args.kernel,
         cmdline: args.cmdline,
@@ -62,6 +72,7 @@ fn run(args: RunArgs, hooks: &Hooks) -> ExitCode {
         memory,
         vcpus,
         disks,
+        nets,
         pin_vcpus: args.pin_vcpus,
         huge_pages: args.huge_pages,
     };

@@ -226,17 +226,25 @@ impl Hardware {
         }
         for net in &self.nets {
             match now.nets.iter().find(|n| n.name == net.name) {
-                None => d.push(format!("network adapter {}: attached here, detached now", net.name)),
-                Some(n) if n.tap != net.tap || !n.mac.eq_ignore_ascii_case(&net.mac) => d.push(format!(
-                    "network adapter {}: tap {} MAC {}, now tap {} MAC {}",
-                    net.name, net.tap, net.mac, n.tap, n.mac
+                None => d.push(format!(
+                    "network adapter {}: attached here, detached now",
+                    net.name
                 )),
+                Some(n) if n.tap != net.tap || !n.mac.eq_ignore_ascii_case(&net.mac) => {
+                    d.push(format!(
+                        "network adapter {}: tap {} MAC {}, now tap {} MAC {}",
+                        net.name, net.tap, net.mac, n.tap, n.mac
+                    ))
+                }
                 Some(_) => {}
             }
         }
         for n in &now.nets {
             if self.nets.iter().all(|net| net.name != n.name) {
-                d.push(format!("network adapter {}: not attached here, attached now", n.name));
+                d.push(format!(
+                    "network adapter {}: not attached here, attached now",
+                    n.name
+                ));
             }
         }
         d
@@ -485,7 +493,9 @@ pub fn attach_net(dir: &VmDir, tap: &str, mac: Option<[u8; 6]>) -> Result<NetEnt
     let _lock = lock_off(dir)?;
     let mut t = dir.load()?;
     if t.disks.len() + t.nets.len() >= MAX_DEVICES {
-        return Err(HardwareError::TooManyDevices(dir.root().display().to_string()));
+        return Err(HardwareError::TooManyDevices(
+            dir.root().display().to_string(),
+        ));
     }
     if let Some(n) = t.nets.iter().find(|n| n.tap == tap) {
         return Err(HardwareError::TapInUse {

@@ -306,7 +306,12 @@ impl Vm {
                 .to_vec(),
         );
 
-        let devices = vm_devices::create(&vm_fd, &ram, config, wiring.serial_out, &wiring)?;
+        let Wiring {
+            serial_out,
+            exit,
+            taps,
+        } = wiring;
+        let devices = vm_devices::create(&vm_fd, &ram, config, serial_out, &exit, &taps)?;
         let boot_state = if load_kernel {
             let cmdline = format!("{}{}", config.cmdline, devices.cmdline);
             Some(boot::load(&ram, config, cmdline.trim())?)
@@ -355,7 +360,7 @@ impl Vm {
             handles: Vec::new(),
             pending_vcpus,
             control,
-            sink: Arc::new(StopSink::new(wiring.exit)),
+            sink: Arc::new(StopSink::new(exit)),
             tracker,
             lazy: Mutex::new(None),
             msrs,

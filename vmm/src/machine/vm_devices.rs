@@ -14,8 +14,8 @@ use devices::irq::IrqLine;
 use devices::persist::Component;
 use devices::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
 use devices::virtio::block::Block;
-use devices::virtio::net::Net;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use devices::virtio::net::Net;
 use devices::virtio::VirtioInterrupt;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use snapshot::disk::Disk;
@@ -24,7 +24,8 @@ use super::disk_backend::DiskBackend;
 use super::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE};
 use super::memory::GuestRam;
 use super::state::ids;
-use super::vm::{VmError, Wiring};
+use super::tap_pool::TapPool;
+use super::vm::VmError;
 use crate::config::VmConfig;
 
 /// A VM's devices.
@@ -62,15 +63,15 @@ fn bus_err(e: BusError) -> VmError {
 
 /// Creates the devices of `config` for the VM `vm_fd` with guest memory
 /// `ram`; guest console output goes to `serial_out`, the guest's own stop
-/// requests to `exit`.
+/// requests to `exit`, network adapters use the taps in `taps`.
 pub(super) fn create(
     vm_fd: &VmFd,
     ram: &GuestRam,
     config: &VmConfig,
     serial_out: SerialOutput,
-    wiring: &Wiring,
+    exit: &Arc<ExitNotifier>,
+    taps: &TapPool,
 ) -> Result<Devices, VmError> {
-    let exit = &wiring.exit;
     let mut components: Vec<(String, Arc<dyn Component>)> = Vec::new();
 
     // Legacy devices.
@@ -157,7 +158,7 @@ pub(super) fn create(
     }
     // Network adapters: after the disks, on the taps the VMM holds.
     for (j, n) in config.nets.iter().enumerate() {
-        let tap = wiring.taps.get(&n.tap)?;
+        let tap = taps.get(&n.tap)?;
         let net = Net::new(tap, n.mac);
         transports.push(add(
             config.disks.len() + j,

@@ -177,7 +177,10 @@ fn the_announce_is_acknowledged_through_the_control_queue() {
     *r.handler.status.lock().unwrap() |= VIRTIO_NET_S_ANNOUNCE as u16;
     r.mem
         .write_slice(
-            &[VIRTIO_NET_CTRL_ANNOUNCE as u8, VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8],
+            &[
+                VIRTIO_NET_CTRL_ANNOUNCE as u8,
+                VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8,
+            ],
             GuestAddress(0x60000),
         )
         .unwrap();
@@ -187,7 +190,10 @@ fn the_announce_is_acknowledged_through_the_control_queue() {
     assert!(r.handler.control(&mut r.ctrl.queue));
     let ack: u8 = r.mem.read_obj(GuestAddress(0x60010)).unwrap();
     assert_eq!(ack as u32, VIRTIO_NET_OK);
-    assert_eq!(*r.handler.status.lock().unwrap(), VIRTIO_NET_S_LINK_UP as u16);
+    assert_eq!(
+        *r.handler.status.lock().unwrap(),
+        VIRTIO_NET_S_LINK_UP as u16
+    );
     // An unknown command is refused, and the device goes on.
     r.mem.write_slice(&[9, 9], GuestAddress(0x60000)).unwrap();
     r.ctrl.publish(&r.mem, 0);
@@ -256,7 +262,11 @@ fn offloads_follow_the_tap_and_the_state_names_the_mac() {
     let mac = [0x52, 0x54, 0, 1, 2, 3];
     let mut net = Net::new(tap.clone(), mac);
     assert_ne!(net.features() & bit(VIRTIO_NET_F_GUEST_CSUM), 0);
-    assert_eq!(*tap.offload.lock().unwrap(), Some(0), "nothing until the driver says");
+    assert_eq!(
+        *tap.offload.lock().unwrap(),
+        Some(0),
+        "nothing until the driver says"
+    );
     let mut cfg = [0u8; 8];
     net.read_config(0, &mut cfg);
     assert_eq!(&cfg[..6], &mac);

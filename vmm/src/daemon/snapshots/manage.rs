@@ -233,6 +233,7 @@ mod tests {
             pin_vcpus: Default::default(),
             huge_pages: Default::default(),
             disks: vec![],
+            nets: vec![],
         }
     }
 
