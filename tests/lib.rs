@@ -365,8 +365,10 @@ impl TestVm {
                 "guest failed:\n{tail}\nvmm.log (end):\n{}",
                 self.vmm_log_tail(40)
             );
-            if tail.lines().filter(|l| l.contains(pattern)).count() >= count {
-                return tail.to_string();
+            // Complete lines only: the guest may be in the middle of one.
+            let complete = &tail[..tail.rfind('\n').map_or(0, |i| i + 1)];
+            if complete.lines().filter(|l| l.contains(pattern)).count() >= count {
+                return complete.to_string();
             }
             assert!(
                 Instant::now() < deadline,
@@ -481,4 +483,26 @@ impl Drop for Unmount {
         // nothing for a post-mortem anyway).
         let _ = std::fs::remove_dir(&self.0);
     }
+}
+
+/// Command line that lets Linux boot under the emulating backend
+/// (docs/kvm-backend.md, "Linux guests here").
+pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave nofsgsbase noinvpcid \
+     clearcpuid=popcnt,smap,rdtscp,erms,fsrm percpu_alloc=page rodata=off quiet";
+
+/// The built Linux guest (vmlinux, initramfs.cpio, disk.ext4).
+pub fn linux_dir() -> PathBuf {
+    let dir = std::env::var_os("SNAPVM_LINUX_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/linux-guest/out")
+        });
+    for f in ["vmlinux", "initramfs.cpio", "disk.ext4"] {
+        assert!(
+            dir.join(f).exists(),
+            "{} missing: run guest-images/linux/build.sh first (scripts/test does)",
+            dir.join(f).display()
+        );
+    }
+    dir
 }

@@ -2,32 +2,10 @@
 //! virtio disk and resets through the i8042. Slow under the emulating KVM
 //! backend (~15-20 s), so this is the only Linux test of the foundation.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use snapvm_tests::{run_with_timeout, snapvm_bin};
-
-/// Command line that lets Linux boot under the emulating backend
-/// (docs/kvm-backend.md, "Linux guests here").
-pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave nofsgsbase noinvpcid \
-     clearcpuid=popcnt,smap,rdtscp,erms,fsrm percpu_alloc=page rodata=off quiet";
-
-fn linux_dir() -> PathBuf {
-    let dir = std::env::var_os("SNAPVM_LINUX_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/linux-guest/out")
-        });
-    for f in ["vmlinux", "initramfs.cpio", "disk.ext4"] {
-        assert!(
-            dir.join(f).exists(),
-            "{} missing: run guest-images/linux/build.sh first (scripts/test does)",
-            dir.join(f).display()
-        );
-    }
-    dir
-}
+use snapvm_tests::{linux_dir, run_with_timeout, snapvm_bin, LINUX_CMDLINE};
 
 #[test]
 fn linux_boots_writes_its_disk_and_resets() {

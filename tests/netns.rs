@@ -21,7 +21,10 @@ impl Netns {
     /// Creates namespace `snapvm-TAG-PID` with its loopback up.
     pub fn new(tag: &str) -> Self {
         let name = format!("snapvm-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ns = Self { name };
         ns.ip_global(&["netns", "add", &ns.name]);
         ns.ip(&["link", "set", "lo", "up"]);

@@ -78,7 +78,8 @@ root=$cache/initramfs
 rm -rf "$root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,etc}
 cp /bin/busybox "$root/bin/busybox"
-for app in sh mount umount mkdir cat echo grep sync reboot sleep ls; do
+for app in sh mount umount mkdir cat echo grep sync reboot sleep ls \
+           ip ping wget sha256sum cut; do
     ln -sf busybox "$root/bin/$app"
 done
 ln -sf ../bin/busybox "$root/sbin/reboot"

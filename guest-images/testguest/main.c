@@ -406,6 +406,24 @@ static u32 mp_count_cpus(void)
 }
 
 /* ---------------------------------------------------------------- */
+/* Network polling hook (the driver is further down)                 */
+/* ---------------------------------------------------------------- */
+
+/* Set once vCPU 0 has brought the virtio-net device up (ip= given). Only
+ * vCPU 0 ever polls, so net_poll() is called only on vCPU 0's paths: the
+ * memstamp page and rate-throttle loops (cpu 0), the wait for every disk
+ * request (so between disk blocks too), the idle loop and after a finished
+ * workload. Without ip= it is a single test of a flag that is never set. */
+static int net_on;
+static void net_poll_slow(void);
+
+static inline void net_poll(void)
+{
+    if (net_on)
+        net_poll_slow();
+}
+
+/* ---------------------------------------------------------------- */
 /* memstamp                                                          */
 /* ---------------------------------------------------------------- */
 
@@ -492,11 +510,16 @@ static void memstamp_pass(u32 cpu, u64 first, u64 last, u64 gen)
             }
             p[i] = stamp_word(new, i);
         }
+        if (cpu == 0)
+            net_poll(); /* vCPU 0 serves the network between pages */
         if (bytes_per_ns_budget && ((page - first) & 15) == 15) {
             u64 done = (page - first + 1) * PAGE_SIZE;
             u64 due = done * 1000000000ull / (bytes_per_ns_budget << 20);
-            while (now_ns() - t0 < due)
+            while (now_ns() - t0 < due) {
+                if (cpu == 0)
+                    net_poll();
                 cpu_relax();
+            }
         }
     }
     u64 dt = now_ns() - t0;
@@ -576,7 +599,7 @@ struct vdisk {
 };
 
 static struct vdisk disks[MAX_DISKS];
-static u32 ndisks; /* the first ndisks virtio_mmio.device= entries are driven */
+static u32 ndisks; /* the first ndisks block devices (DeviceID 2) are driven */
 static u8 blk_buf[DISK_BLOCK] __attribute__((aligned(4096)));
 /* Expected generation of every block: disk d's table is
  * disk_gen[d * disk_blocks .. (d + 1) * disk_blocks). */
@@ -646,11 +669,43 @@ static int virtio_mmio_device(u32 n, u64 *base, u32 *irq)
     return r != 0;
 }
 
-/* Initialises disk d (the d-th virtio_mmio.device= entry). */
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
+
+/* Finds the k-th (0-based) virtio_mmio.device= entry whose DeviceID
+ * register (offset 0x08) reads `id`: block devices are 2, network
+ * adapters 1. Reads the DeviceID of the entries up to that one only, and
+ * nothing else. Returns 0 if there are fewer such entries. */
+static int virtio_mmio_find(u32 id, u32 k, u64 *base, u32 *irq)
+{
+    u32 entries = arg_count("virtio_mmio.device");
+    for (u32 n = 0; n < entries; n++) {
+        if (!virtio_mmio_device(n, base, irq))
+            continue;
+        if (((volatile u32 *)*base)[0x08 / 4] == id && k-- == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* How many of the virtio_mmio.device= entries are of type `id`, counting
+ * up to `enough` at most. */
+static u32 virtio_mmio_count(u32 id, u32 enough)
+{
+    u32 n = 0;
+    u64 base;
+    u32 irq;
+    while (n < enough && virtio_mmio_find(id, n, &base, &irq))
+        n++;
+    return n;
+}
+
+/* Initialises disk d: the d-th virtio_mmio.device= entry whose DeviceID is
+ * 2 (block), so network adapters listed among them change nothing. */
 static void disk_init(u32 d)
 {
     struct vdisk *k = &disks[d];
-    if (!virtio_mmio_device(d, &k->base, &k->irq))
+    if (!virtio_mmio_find(VIRTIO_ID_BLOCK, d, &k->base, &k->irq))
         disk_fail(d, "no virtio_mmio.device= on the command line", 0, 0);
     for (u32 e = 0; e < d; e++)
         if (disks[e].base == k->base)
@@ -713,6 +768,7 @@ static void disk_request(u32 d, u32 type, u64 block)
     while ((seen = *(volatile u16 *)&k->used.idx) == last) {
         if (now_ns() - t0 > 10000000000ull)
             disk_fail(d, "request timed out: type/block", type, block);
+        net_poll(); /* only ever called on vCPU 0 */
         cpu_relax();
     }
     k->last_used++;
@@ -913,6 +969,697 @@ static void diskbench(u64 blocks, u64 count)
 }
 
 /* ---------------------------------------------------------------- */
+/* virtio-net driver (polling, ring 3) and a tiny IPv4 responder      */
+/* ---------------------------------------------------------------- */
+
+/* Queues: 0 receive, 1 transmit, 2 control. Every frame has a 12-byte
+ * virtio_net_hdr_v1 in front. All of it (rings, buffers, queue positions,
+ * ARP cache, timers) is static guest memory, so a snapshot captures the
+ * driver at the same instant as the device's side of the queues. */
+#define NET_RXQ 16
+#define NET_TXQ 16
+#define NET_CTQ 4
+#define NET_QMAX 16
+#define NET_HDR 12
+#define NET_FRAME 1526 /* 1514 + VLAN tag + slack */
+#define NET_BUF (NET_HDR + NET_FRAME)
+#define NET_ARP_ENTRIES 8
+#define NET_STATUS_EVERY 10000000ull /* read the config status every 10 ms */
+#define NET_PING_EVERY 200000000ull  /* peer= echo requests every 200 ms */
+#define NET_PING_UNANSWERED 5        /* then the peer is ARP-resolved again */
+
+#define F_NET_MAC 5
+#define F_NET_STATUS 16
+#define F_NET_CTRL_VQ 17
+#define F_NET_GUEST_ANNOUNCE 21
+#define F_VERSION_1 32
+#define NET_S_ANNOUNCE 2
+#define NET_CTRL_ANNOUNCE 3
+#define NET_CTRL_ANNOUNCE_ACK 0
+
+struct netq {
+    struct vq_desc desc[NET_QMAX] __attribute__((aligned(4096)));
+    struct {
+        u16 flags;
+        u16 idx;
+        u16 ring[NET_QMAX];
+        u16 used_event;
+    } avail __attribute__((aligned(4096)));
+    struct {
+        u16 flags;
+        u16 idx;
+        struct {
+            u32 id;
+            u32 len;
+        } ring[NET_QMAX];
+        u16 avail_event;
+    } used __attribute__((aligned(4096)));
+    u16 size;
+    u16 last_used;
+};
+
+struct arp_entry {
+    u32 ip;
+    u8 mac[6];
+    u8 valid;
+};
+
+static struct vnet {
+    struct netq q[3];
+    u8 rx[NET_RXQ][NET_BUF] __attribute__((aligned(64)));
+    u8 tx[NET_TXQ][NET_BUF] __attribute__((aligned(64)));
+    u8 tx_busy[NET_TXQ];
+    u8 ctrl_cmd[2] __attribute__((aligned(64)));
+    volatile u8 ctrl_ack;
+    volatile u32 *vio;
+    u64 base;
+    u32 irq;
+    u64 features;
+    u8 mac[6];
+    u32 ip, mask, peer;
+    struct arp_entry arp[NET_ARP_ENTRIES];
+    u32 arp_next;
+    u16 ip_id;
+    u16 ping_id, ping_seq;
+    u32 ping_unanswered;
+    u64 next_tick, next_status, next_ping, announce_backoff;
+    u32 announces;
+    int in_poll;
+} net;
+
+static u32 nreg_read(u32 off)
+{
+    return net.vio[off / 4];
+}
+
+static void nreg_write(u32 off, u32 v)
+{
+    net.vio[off / 4] = v;
+}
+
+static void net_fail(const char *what, u64 a)
+{
+    lock_print();
+    puts_("TESTGUEST FAIL net ");
+    puts_(what);
+    puts_(" ");
+    put_hex(a);
+    puts_("\n");
+    unlock_print();
+    __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+    guest_exit(STATUS_VERIFY_FAILED);
+    sys_halt();
+}
+
+static inline u16 get16(const u8 *p)
+{
+    return (u16)((p[0] << 8) | p[1]);
+}
+
+static inline u32 get32(const u8 *p)
+{
+    return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3];
+}
+
+static inline void put16(u8 *p, u32 v)
+{
+    p[0] = (u8)(v >> 8);
+    p[1] = (u8)v;
+}
+
+static inline void put32(u8 *p, u32 v)
+{
+    p[0] = (u8)(v >> 24);
+    p[1] = (u8)(v >> 16);
+    p[2] = (u8)(v >> 8);
+    p[3] = (u8)v;
+}
+
+static void put_ip(u32 ip)
+{
+    for (int s = 24; s >= 0; s -= 8) {
+        put_dec((ip >> s) & 0xff);
+        if (s)
+            putc_('.');
+    }
+}
+
+static void put_mac(const u8 *m)
+{
+    for (int i = 0; i < 6; i++) {
+        putc_("0123456789abcdef"[m[i] >> 4]);
+        putc_("0123456789abcdef"[m[i] & 15]);
+        if (i < 5)
+            putc_(':');
+    }
+}
+
+/* Parses "A.B.C.D" (and "/N" if `prefix` is given; default /24) up to a
+ * space or the end. Returns 0 on junk. */
+static int parse_ip(const char *v, u32 *ip, u32 *prefix)
+{
+    u32 r = 0;
+    for (int part = 0; part < 4; part++) {
+        u32 x = 0, digits = 0;
+        while (*v >= '0' && *v <= '9' && digits < 4) {
+            x = x * 10 + (u32)(*v++ - '0');
+            digits++;
+        }
+        if (!digits || x > 255)
+            return 0;
+        r = r << 8 | x;
+        if (part < 3 && *v++ != '.')
+            return 0;
+    }
+    if (prefix) {
+        *prefix = 24;
+        if (*v == '/') {
+            u32 n = 0, digits = 0;
+            for (v++; *v >= '0' && *v <= '9' && digits < 3; v++, digits++)
+                n = n * 10 + (u32)(*v - '0');
+            if (!digits || n > 32)
+                return 0;
+            *prefix = n;
+        }
+    }
+    if (*v && *v != ' ')
+        return 0;
+    *ip = r;
+    return 1;
+}
+
+/* Internet checksum. */
+static u32 csum_add(u32 sum, const u8 *p, u32 len)
+{
+    while (len > 1) {
+        sum += (u32)(p[0] << 8 | p[1]);
+        p += 2;
+        len -= 2;
+    }
+    if (len)
+        sum += (u32)p[0] << 8;
+    return sum;
+}
+
+static u16 csum_fold(u32 sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (u16)~sum;
+}
+
+static int mac_is(const u8 *m, const u8 *n)
+{
+    for (int i = 0; i < 6; i++)
+        if (m[i] != n[i])
+            return 0;
+    return 1;
+}
+
+static const u8 mac_bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+static const u8 mac_zero[6];
+
+/* ---- queues ---- */
+
+static void net_notify(u32 q)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!(*(volatile u16 *)&net.q[q].used.flags & 1)) /* VRING_USED_F_NO_NOTIFY */
+        nreg_write(0x50, q);
+}
+
+static void net_post(u32 q, u16 head)
+{
+    struct netq *v = &net.q[q];
+    u16 idx = v->avail.idx;
+    v->avail.ring[idx % v->size] = head;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    *(volatile u16 *)&v->avail.idx = (u16)(idx + 1);
+}
+
+/* Marks transmitted buffers free again. */
+static void net_tx_reclaim(void)
+{
+    struct netq *v = &net.q[1];
+    u16 used = *(volatile u16 *)&v->used.idx;
+    while (v->last_used != used) {
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        u32 id = v->used.ring[v->last_used % v->size].id;
+        if (id < NET_TXQ)
+            net.tx_busy[id] = 0;
+        v->last_used++;
+    }
+}
+
+/* A free transmit buffer (its frame area starts at net.tx[slot] + NET_HDR),
+ * or -1 if the device kept all of them for 2 ms (the frame is dropped). */
+static int net_tx_get(void)
+{
+    u64 t0 = 0;
+    for (;;) {
+        net_tx_reclaim();
+        for (int i = 0; i < NET_TXQ; i++)
+            if (!net.tx_busy[i])
+                return i;
+        if (!t0)
+            t0 = now_ns();
+        else if (now_ns() - t0 > 2000000ull)
+            return -1;
+        cpu_relax();
+    }
+}
+
+/* Sends the frame of `len` bytes in buffer `slot` (header zeroed, short
+ * frames padded to the Ethernet minimum of 60 bytes). */
+static void net_tx_put(int slot, u32 len)
+{
+    u8 *b = net.tx[slot];
+    for (u32 i = 0; i < NET_HDR; i++)
+        b[i] = 0;
+    for (; len < 60; len++)
+        b[NET_HDR + len] = 0;
+    net.tx_busy[slot] = 1;
+    net.q[1].desc[slot] = (struct vq_desc){(u64)b, NET_HDR + len, 0, 0};
+    net_post(1, (u16)slot);
+    net_notify(1);
+}
+
+/* ---- ARP ---- */
+
+static struct arp_entry *arp_lookup(u32 ip)
+{
+    for (int i = 0; i < NET_ARP_ENTRIES; i++)
+        if (net.arp[i].valid && net.arp[i].ip == ip)
+            return &net.arp[i];
+    return 0;
+}
+
+static void arp_learn(u32 ip, const u8 *mac)
+{
+    if (!ip || ip == net.ip || ((ip ^ net.ip) & net.mask) || (mac[0] & 1))
+        return;
+    struct arp_entry *e = arp_lookup(ip);
+    if (!e) {
+        e = &net.arp[net.arp_next];
+        net.arp_next = (net.arp_next + 1) % NET_ARP_ENTRIES;
+    }
+    e->ip = ip;
+    for (int i = 0; i < 6; i++)
+        e->mac[i] = mac[i];
+    e->valid = 1;
+}
+
+/* Ethernet header into buffer `slot`; returns the payload area. */
+static u8 *net_eth(int slot, const u8 *dst, u16 type)
+{
+    u8 *f = net.tx[slot] + NET_HDR;
+    for (int i = 0; i < 6; i++) {
+        f[i] = dst[i];
+        f[6 + i] = net.mac[i];
+    }
+    put16(f + 12, type);
+    return f + 14;
+}
+
+static void arp_send(u16 op, const u8 *eth_dst, const u8 *tha, u32 tpa)
+{
+    int slot = net_tx_get();
+    if (slot < 0)
+        return;
+    u8 *a = net_eth(slot, eth_dst, 0x0806);
+    put16(a, 1);      /* Ethernet */
+    put16(a + 2, 0x0800);
+    a[4] = 6;
+    a[5] = 4;
+    put16(a + 6, op);
+    for (int i = 0; i < 6; i++) {
+        a[8 + i] = net.mac[i];
+        a[18 + i] = tha[i];
+    }
+    put32(a + 14, net.ip);
+    put32(a + 24, tpa);
+    net_tx_put(slot, 14 + 28);
+}
+
+static void net_arp(const u8 *f, u32 len)
+{
+    const u8 *a = f + 14;
+    if (len < 14 + 28 || get16(a) != 1 || get16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4)
+        return;
+    u16 op = get16(a + 6);
+    u32 spa = get32(a + 14), tpa = get32(a + 24);
+    if (op != 1 && op != 2)
+        return;
+    arp_learn(spa, a + 8);
+    if (op == 1 && tpa == net.ip && spa != net.ip)
+        arp_send(2, f + 6, a + 8, spa);
+}
+
+/* ---- IPv4, ICMP echo, UDP echo (port 7) ---- */
+
+/* Sends an IPv4 datagram whose `plen`-byte payload the caller wrote at
+ * net_eth(slot, ...) + 20. */
+static void ip_send(int slot, u32 dst, u8 proto, u32 plen)
+{
+    u8 *ip = net.tx[slot] + NET_HDR + 14;
+    ip[0] = 0x45;
+    ip[1] = 0;
+    put16(ip + 2, 20 + plen);
+    put16(ip + 4, net.ip_id++);
+    put16(ip + 6, 0x4000); /* DF */
+    ip[8] = 64;
+    ip[9] = proto;
+    put16(ip + 10, 0);
+    put32(ip + 12, net.ip);
+    put32(ip + 16, dst);
+    put16(ip + 10, csum_fold(csum_add(0, ip, 20)));
+    net_tx_put(slot, 14 + 20 + plen);
+}
+
+static void net_ping_reply_seen(u32 src, u16 seq)
+{
+    net.ping_unanswered = 0;
+    lock_print();
+    puts_("TESTGUEST NET ping peer=");
+    put_ip(src);
+    puts_(" seq=");
+    put_dec(seq);
+    puts_(" ok\n");
+    unlock_print();
+}
+
+static void net_ip(const u8 *f, u32 len)
+{
+    const u8 *ip = f + 14;
+    u32 iplen = len - 14;
+    if (iplen < 20 || (ip[0] >> 4) != 4)
+        return;
+    u32 ihl = (ip[0] & 15) * 4u, tot = get16(ip + 2);
+    if (ihl < 20 || tot < ihl || tot > iplen || csum_fold(csum_add(0, ip, ihl)) != 0)
+        return;
+    if (get16(ip + 6) & 0x3fff) /* a fragment */
+        return;
+    u32 src = get32(ip + 12), dst = get32(ip + 16);
+    if (dst != net.ip)
+        return;
+    const u8 *p = ip + ihl;
+    u32 plen = tot - ihl;
+    if (ip[9] == 1 && plen >= 8 && csum_fold(csum_add(0, p, plen)) == 0) {
+        if (p[0] == 8 && p[1] == 0) { /* echo request: reply in kind */
+            int slot = net_tx_get();
+            if (slot < 0)
+                return;
+            u8 *r = net_eth(slot, f + 6, 0x0800) + 20;
+            for (u32 i = 0; i < plen; i++)
+                r[i] = p[i];
+            r[0] = 0; /* echo reply */
+            put16(r + 2, 0);
+            put16(r + 2, csum_fold(csum_add(0, r, plen)));
+            ip_send(slot, src, 1, plen);
+        } else if (p[0] == 0 && p[1] == 0 && net.peer && src == net.peer &&
+                   get16(p + 4) == net.ping_id) {
+            net_ping_reply_seen(src, get16(p + 6));
+        }
+    } else if (ip[9] == 17 && plen >= 8) {
+        u32 ulen = get16(p + 4);
+        if (ulen < 8 || ulen > plen || get16(p + 2) != 7)
+            return;
+        if (get16(p + 6)) { /* a checksum to verify */
+            u8 ph[12];
+            put32(ph, src);
+            put32(ph + 4, dst);
+            ph[8] = 0;
+            ph[9] = 17;
+            put16(ph + 10, ulen);
+            if (csum_fold(csum_add(csum_add(0, ph, 12), p, ulen)) != 0)
+                return;
+        }
+        int slot = net_tx_get();
+        if (slot < 0)
+            return;
+        u8 *u = net_eth(slot, f + 6, 0x0800) + 20;
+        for (u32 i = 0; i < ulen; i++)
+            u[i] = p[i];
+        put16(u, get16(p + 2)); /* source port 7 */
+        put16(u + 2, get16(p));  /* back to the sender's port */
+        put16(u + 6, 0);
+        u8 ph[12];
+        put32(ph, net.ip);
+        put32(ph + 4, src);
+        ph[8] = 0;
+        ph[9] = 17;
+        put16(ph + 10, ulen);
+        u16 c = csum_fold(csum_add(csum_add(0, ph, 12), u, ulen));
+        put16(u + 6, c ? c : 0xffff);
+        ip_send(slot, src, 17, ulen);
+    }
+}
+
+static void net_frame(const u8 *f, u32 len)
+{
+    if (len < 14 || !(mac_is(f, net.mac) || mac_is(f, mac_bcast)))
+        return;
+    u16 type = get16(f + 12);
+    if (type == 0x0806)
+        net_arp(f, len);
+    else if (type == 0x0800)
+        net_ip(f, len);
+}
+
+/* Handles every received frame and gives its buffer back. */
+static void net_rx(void)
+{
+    struct netq *v = &net.q[0];
+    u16 used = *(volatile u16 *)&v->used.idx;
+    if (v->last_used == used)
+        return;
+    while (v->last_used != used) {
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        u32 id = v->used.ring[v->last_used % v->size].id;
+        u32 len = v->used.ring[v->last_used % v->size].len;
+        v->last_used++;
+        if (id >= NET_RXQ)
+            continue; /* not ours: nothing to give back */
+        if (len > NET_HDR && len <= NET_BUF)
+            net_frame(net.rx[id] + NET_HDR, len - NET_HDR);
+        net_post(0, (u16)id);
+    }
+    net_notify(0);
+}
+
+/* ---- peer pings, announce ---- */
+
+static void net_ping_tick(void)
+{
+    struct arp_entry *e = arp_lookup(net.peer);
+    if (e && net.ping_unanswered >= NET_PING_UNANSWERED) {
+        e->valid = 0; /* unanswered: resolve it again */
+        e = 0;
+        net.ping_unanswered = 0;
+    }
+    if (!e) {
+        arp_send(1, mac_bcast, mac_zero, net.peer);
+        return;
+    }
+    int slot = net_tx_get();
+    if (slot < 0)
+        return;
+    u8 *p = net_eth(slot, e->mac, 0x0800) + 20;
+    net.ping_seq++;
+    p[0] = 8;
+    p[1] = 0;
+    put16(p + 2, 0);
+    put16(p + 4, net.ping_id);
+    put16(p + 6, net.ping_seq);
+    u64 t = now_ns();
+    for (u32 i = 0; i < 56; i++)
+        p[8 + i] = i < 8 ? (u8)(t >> (8 * i)) : (u8)i;
+    put16(p + 2, csum_fold(csum_add(0, p, 64)));
+    ip_send(slot, net.peer, 1, 64);
+    net.ping_unanswered++;
+}
+
+/* VIRTIO_NET_S_ANNOUNCE: gratuitous ARP (a request and a reply for our own
+ * address, both broadcast), then VIRTIO_NET_CTRL_ANNOUNCE_ACK on the
+ * control queue, which clears the bit. */
+static void net_announce(void)
+{
+    arp_send(1, mac_bcast, mac_zero, net.ip);
+    arp_send(2, mac_bcast, net.mac, net.ip);
+    struct netq *v = &net.q[2];
+    net.ctrl_cmd[0] = NET_CTRL_ANNOUNCE;
+    net.ctrl_cmd[1] = NET_CTRL_ANNOUNCE_ACK;
+    net.ctrl_ack = 0xff;
+    v->desc[0] = (struct vq_desc){(u64)net.ctrl_cmd, 2, 1, 1};
+    v->desc[1] = (struct vq_desc){(u64)&net.ctrl_ack, 1, 2, 0};
+    net_post(2, 0);
+    nreg_write(0x50, 2);
+    u64 t0 = now_ns();
+    int acked = 1;
+    while (*(volatile u16 *)&v->used.idx == v->last_used) {
+        if (now_ns() - t0 > 1000000000ull) {
+            acked = 0;
+            break;
+        }
+        cpu_relax();
+    }
+    if (acked)
+        v->last_used++;
+    net.announces++;
+    lock_print();
+    puts_("TESTGUEST NET announce n=");
+    put_dec(net.announces);
+    if (acked) {
+        puts_(" ack=");
+        put_dec(net.ctrl_ack);
+    } else {
+        puts_(" ack=timeout");
+    }
+    puts_("\n");
+    unlock_print();
+    /* Should the bit stay set (no ack), announce again in 1 s, not 10 ms. */
+    net.announce_backoff = now_ns() + 1000000000ull;
+    if (!acked)
+        net.features &= ~(1ull << F_NET_GUEST_ANNOUNCE); /* the queue is stuck */
+}
+
+/* Due before `t` (or the timer is implausibly far ahead, e.g. after a
+ * clock change): true. */
+static int net_due(u64 *when, u64 t, u64 every)
+{
+    if ((int64_t)(t - *when) >= 0 || *when - t > 2 * every) {
+        *when = t + every;
+        return 1;
+    }
+    return 0;
+}
+
+/* The timed work, every millisecond or so. */
+static void net_tick(u64 t)
+{
+    net_tx_reclaim();
+    if ((net.features & (1ull << F_NET_STATUS)) && net_due(&net.next_status, t, NET_STATUS_EVERY)) {
+        u32 isr = nreg_read(0x60);
+        if (isr)
+            nreg_write(0x64, isr); /* nothing takes interrupts: just ack */
+        u16 st = *(volatile u16 *)((volatile u8 *)net.vio + 0x100 + 6);
+        if ((st & NET_S_ANNOUNCE) && (net.features & (1ull << F_NET_GUEST_ANNOUNCE)) &&
+            (int64_t)(t - net.announce_backoff) >= 0)
+            net_announce();
+    }
+    if (net.peer && net_due(&net.next_ping, t, NET_PING_EVERY))
+        net_ping_tick();
+}
+
+static void net_poll_slow(void)
+{
+    if (net.in_poll)
+        return;
+    net.in_poll = 1;
+    if (*(volatile u16 *)&net.q[0].used.idx != net.q[0].last_used)
+        net_rx();
+    u64 t = now_ns();
+    if (net_due(&net.next_tick, t, 1000000ull))
+        net_tick(t);
+    net.in_poll = 0;
+}
+
+/* Serves the network for good (vCPU 0 with nothing else to do). */
+static void net_serve_forever(void)
+{
+    for (;;) {
+        net_poll();
+        cpu_relax();
+    }
+}
+
+/* ---- set-up ---- */
+
+static void net_queue(u32 q, u16 size)
+{
+    struct netq *v = &net.q[q];
+    nreg_write(0x30, q);
+    if (nreg_read(0x44))
+        net_fail("queue already live", q);
+    if (nreg_read(0x34) < size)
+        net_fail("queue too small", q);
+    v->size = size;
+    v->avail.flags = 1; /* VRING_AVAIL_F_NO_INTERRUPT: the driver polls */
+    nreg_write(0x38, size);
+    nreg_write(0x80, (u32)(u64)&v->desc);
+    nreg_write(0x84, (u32)((u64)&v->desc >> 32));
+    nreg_write(0x90, (u32)(u64)&v->avail);
+    nreg_write(0x94, (u32)((u64)&v->avail >> 32));
+    nreg_write(0xa0, (u32)(u64)&v->used);
+    nreg_write(0xa4, (u32)((u64)&v->used >> 32));
+    nreg_write(0x44, 1);
+    v->last_used = v->used.idx;
+}
+
+/* Brings the first virtio-net device (found before READY) up: features,
+ * queues, receive buffers; then prints the NET up line. vCPU 0 only. */
+static void net_start(void)
+{
+    net.vio = (volatile u32 *)net.base;
+    if (nreg_read(0) != 0x74726976 || nreg_read(4) != 2 || nreg_read(8) != VIRTIO_ID_NET)
+        net_fail("no virtio 1.x network device at", net.base);
+    nreg_write(0x70, 0);
+    nreg_write(0x70, 1);     /* ACKNOWLEDGE */
+    nreg_write(0x70, 1 | 2); /* DRIVER */
+    nreg_write(0x14, 0);
+    u64 offered = nreg_read(0x10);
+    nreg_write(0x14, 1);
+    offered |= (u64)nreg_read(0x10) << 32;
+    if (!(offered & (1ull << F_VERSION_1)))
+        net_fail("device does not offer VIRTIO_F_VERSION_1", offered);
+    u64 want = (1ull << F_VERSION_1) | (1ull << F_NET_MAC) | (1ull << F_NET_STATUS) |
+               (1ull << F_NET_CTRL_VQ);
+    if (offered & (1ull << F_NET_CTRL_VQ))
+        want |= 1ull << F_NET_GUEST_ANNOUNCE; /* it needs the control queue */
+    net.features = offered & want;
+    nreg_write(0x24, 0);
+    nreg_write(0x20, (u32)net.features);
+    nreg_write(0x24, 1);
+    nreg_write(0x20, (u32)(net.features >> 32));
+    nreg_write(0x70, 1 | 2 | 8); /* FEATURES_OK */
+    if (!(nreg_read(0x70) & 8))
+        net_fail("device refused our features", net.features);
+    net_queue(0, NET_RXQ);
+    net_queue(1, NET_TXQ);
+    if (net.features & (1ull << F_NET_CTRL_VQ))
+        net_queue(2, NET_CTQ);
+    if (net.features & (1ull << F_NET_MAC)) {
+        for (int i = 0; i < 6; i++)
+            net.mac[i] = ((volatile u8 *)net.vio)[0x100 + i];
+    } else {
+        /* No MAC offered: a locally administered one from our address. */
+        net.mac[0] = 0x02;
+        net.mac[1] = 0x00;
+        put32(net.mac + 2, net.ip);
+    }
+    for (u16 i = 0; i < NET_RXQ; i++) {
+        net.q[0].desc[i] = (struct vq_desc){(u64)net.rx[i], NET_BUF, 2, 0};
+        net_post(0, i);
+    }
+    nreg_write(0x70, 1 | 2 | 8 | 4); /* DRIVER_OK */
+    nreg_write(0x50, 0);
+    net.ping_id = (u16)(0x7400 | (net.ip & 0xff));
+    u64 t = now_ns();
+    net.next_tick = t;
+    net.next_status = t;
+    net.next_ping = t;
+    net.announce_backoff = t;
+    net_on = 1;
+    lock_print();
+    puts_("TESTGUEST NET up ip=");
+    put_ip(net.ip);
+    puts_(" mac=");
+    put_mac(net.mac);
+    puts_("\n");
+    unlock_print();
+}
+
+/* ---------------------------------------------------------------- */
 /* Entry points                                                      */
 /* ---------------------------------------------------------------- */
 
@@ -925,6 +1672,8 @@ static void finish_cpu(void)
         unlock_print();
         guest_exit(STATUS_OK);
     }
+    if (net_on && this_cpu() == 0)
+        net_serve_forever(); /* vCPU 0 keeps answering instead of halting */
     sys_halt();
 }
 
@@ -994,7 +1743,9 @@ static void run_workload(u32 cpu)
         }
         sys_halt();
     } else {
-        /* idle */
+        /* idle: vCPU 0 serves the network if there is one */
+        if (net_on && cpu == 0)
+            net_serve_forever();
         sys_halt();
     }
 }
@@ -1073,9 +1824,12 @@ static void bsp_main(void)
             fail_args("(disks must be 1..4)");
         if (disk_blocks * want_disks > MAX_DISK_BLOCKS)
             fail_args("(blocks times disks must be at most 1048576)");
-        u32 found = arg_count("virtio_mmio.device");
+        /* Disks are the entries whose DeviceID is 2 (network adapters may
+         * be listed too). */
+        u32 found = virtio_mmio_count(VIRTIO_ID_BLOCK, (u32)want_disks);
         /* (No device at all with one disk wanted: disk_init(0) says so.) */
-        if (found < want_disks && !(found == 0 && want_disks == 1)) {
+        if (found < want_disks &&
+            !(arg_count("virtio_mmio.device") == 0 && want_disks == 1)) {
             lock_print();
             puts_("TESTGUEST FAIL bad-arguments disks=");
             put_dec(want_disks);
@@ -1108,6 +1862,26 @@ static void bsp_main(void)
             if (arg_is("adopt", "1"))
                 disk_adopt(d, disk_blocks);
         }
+    }
+
+    /* ip=A.B.C.D/N: the network (the first virtio-net device, DeviceID 1,
+     * brought up by vCPU 0 after READY). Without ip= nothing of it is
+     * touched. */
+    int with_net = arg("ip") != 0;
+    if (with_net) {
+        u32 prefix;
+        if (!parse_ip(arg("ip"), &net.ip, &prefix) || !net.ip)
+            fail_args("(ip must be A.B.C.D or A.B.C.D/N)");
+        net.mask = prefix ? ~0u << (32 - prefix) : 0;
+        if (arg("peer") && (!parse_ip(arg("peer"), &net.peer, 0) || !net.peer ||
+                            net.peer == net.ip))
+            fail_args("(peer must be an address A.B.C.D other than ip=)");
+        if (net.peer && ((net.peer ^ net.ip) & net.mask))
+            fail_args("(peer must be in ip='s subnet: there is no router)");
+        if (!virtio_mmio_find(VIRTIO_ID_NET, 0, &net.base, &net.irq))
+            fail_args("(ip= but no virtio_mmio.device= entry is a network device)");
+    } else if (arg("peer")) {
+        fail_args("(peer= needs ip=)");
     }
 
     /* Wait for the APs (woken by INIT/SIPI in ring 0) for up to 5 s. */
@@ -1170,6 +1944,8 @@ static void bsp_main(void)
     unlock_print();
 
     __atomic_store_n(&go, 1, __ATOMIC_SEQ_CST);
+    if (with_net)
+        net_start();
     run_workload(0);
 }
 
