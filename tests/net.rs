@@ -346,3 +346,102 @@ fn linux_fetches_over_http_across_a_live_snapshot_and_a_revert() {
     let _ = httpd.kill();
     let _ = httpd.wait();
 }
+
+#[test]
+fn bad_network_options_are_refused_and_change_nothing() {
+    let ns = Netns::new("net4");
+    ns.bridge("br0", "10.94.0.1/24");
+    let root = std::env::temp_dir().join(format!("snapvm-t-net4-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let guest = snapvm_tests::testguest();
+    let create = |dir: &str, nets: &[&str]| {
+        let d = root.join(dir);
+        let mut args = vec![
+            "create",
+            d.to_str().unwrap(),
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ];
+        for n in nets {
+            args.extend(["--net", n]);
+        }
+        snapvm(&args)
+    };
+    for (net, says) in [
+        ("tap=a/b", "a/b"),
+        (
+            "tap=an-interface-name-too-long",
+            "an-interface-name-too-long",
+        ),
+        ("tap=t0,mac=01:00:00:00:00:01", "01:00:00:00:00:01"),
+        ("tap=t0,mac=52:54:00:00:01", "52:54:00:00:01"),
+        ("mac=52:54:00:00:00:01", "mac=52:54:00:00:00:01"),
+        ("tap=t0,speed=10", "speed=10"),
+    ] {
+        let r = create("bad", &[net]);
+        assert_ne!(r.code(), 0, "--net {net} accepted: {r:?}");
+        assert!(r.stderr.contains(says), "--net {net}: {r:?}");
+        assert!(
+            !root.join("bad").exists(),
+            "--net {net} left a VM directory"
+        );
+    }
+    let r = create("bad", &["tap=t0", "tap=t0"]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("t0"), "{r:?}");
+
+    assert_eq!(create("vm", &["tap=t0"]).code(), 0);
+    let vm = TestVm {
+        dir: root.join("vm"),
+        root: root.clone(),
+    };
+    let toml = || std::fs::read_to_string(vm.dir.join("vm.toml")).unwrap();
+    let before = toml();
+    let r = vm.cli2(&["net", "attach"], &["--tap", "t0"]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(
+        r.stderr.contains("t0") && r.stderr.contains("net0"),
+        "{r:?}"
+    );
+    let r = vm.cli2(&["net", "detach"], &["net7"]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(
+        r.stderr.contains("net7") && r.stderr.contains("net0"),
+        "{r:?}"
+    );
+    let r = vm.cli2(
+        &["net", "attach"],
+        &["--tap", "t1", "--mac", "ff:ff:ff:ff:ff:ff"],
+    );
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert_eq!(toml(), before, "refused commands changed vm.toml");
+
+    // A name that is taken by something that is not a tap (the bridge):
+    // start fails naming it, and no VMM is left behind.
+    vm.ok2(&["net", "detach"], &["net0"]);
+    vm.ok2(&["net", "attach"], &["--tap", "br0"]);
+    let r = ns.snapvm(&["start", vm.dir.to_str().unwrap()]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(
+        r.stderr.contains("br0") && r.stderr.contains("not a TAP"),
+        "{r:?}"
+    );
+    assert_eq!(vm.status()["state"], "stopped", "{}", vm.status());
+
+    // Running: adapters cannot change.
+    vm.ok2(&["net", "detach"], &["net0"]);
+    vm.ok2(&["net", "attach"], &["--tap", "t0"]);
+    start_in(&ns, &vm, &[]);
+    let r = vm.cli2(&["net", "attach"], &["--tap", "t1"]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("is running"), "{r:?}");
+    let r = vm.cli2(&["net", "detach"], &["net0"]);
+    assert!(r.stderr.contains("is running"), "{r:?}");
+    // The VMM created t0 in the namespace; it goes away with the VMM.
+    assert!(ns.ip(&["link", "show"]).stdout.contains("t0"));
+    vm.ok(&["stop"]);
+    assert!(!ns.ip(&["link", "show"]).stdout.contains("t0:"));
+}

@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
 
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -48,6 +47,14 @@ pub enum TapError {
         /// The tap.
         name: String,
         /// The OS error.
+        source: io::Error,
+    },
+    /// The name belongs to an interface that is not a free tap.
+    #[error("interface {name} exists but is not a TAP device this VMM can take ({source}): another kind of interface, or a tap another process holds")]
+    NotATap {
+        /// The interface.
+        name: String,
+        /// The OS error of TUNSETIFF.
         source: io::Error,
     },
     /// An ioctl failed.
@@ -93,7 +100,11 @@ impl Tap {
         if !valid_name(name) {
             return Err(TapError::BadName(name.into()));
         }
-        let existed = Path::new("/sys/class/net").join(name).exists();
+        // Asked of the kernel (in this process's network namespace), not
+        // of /sys, which shows the namespace that mounted it.
+        let cname = std::ffi::CString::new(name).map_err(|_| TapError::BadName(name.into()))?;
+        // SAFETY: if_nametoindex reads the NUL-terminated string passed.
+        let existed = unsafe { libc::if_nametoindex(cname.as_ptr()) } != 0;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -116,7 +127,13 @@ impl Tap {
         };
         // SAFETY: TUNSETIFF reads and writes the ifreq passed, which lives
         // for the call.
-        tap.ioctl("TUNSETIFF", TUNSETIFF, &mut req as *mut IfReq as usize)?;
+        tap.ioctl("TUNSETIFF", TUNSETIFF, &mut req as *mut IfReq as usize)
+            .map_err(|e| match e {
+                TapError::Ioctl { name, source, .. } if existed => {
+                    TapError::NotATap { name, source }
+                }
+                e => e,
+            })?;
         let mut hdr = VNET_HDR_LEN as libc::c_int;
         tap.ioctl(
             "TUNSETVNETHDRSZ",

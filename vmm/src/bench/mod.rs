@@ -15,12 +15,14 @@ mod boot;
 mod disk;
 mod engine;
 mod merge;
+mod net;
 mod snapshot;
 
 pub use self::apply::{apply, ApplyBench};
 pub use self::boot::{boot, BootBench};
 pub use self::disk::{disk, DiskBench};
 pub use self::merge::{merge, MergeBench};
+pub use self::net::{net, NetBench};
 pub use self::snapshot::{snapshot, SnapshotBench};
 
 /// Errors of a benchmark run.

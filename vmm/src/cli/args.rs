@@ -439,6 +439,24 @@ pub enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
     },
+    /// Network: ping and UDP echo round trips (p50/p99) and echo rate of
+    /// the test guest next to QEMU's virtio-net, in a namespace of its own;
+    /// echoes lost and the longest round trip while live snapshots are
+    /// taken; time from an apply to the first echo reply.
+    Net {
+        /// Round trips per method.
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Live snapshots, and applies, measured.
+        #[arg(long, default_value_t = 5)]
+        snapshots: usize,
+        /// Directory for the VM (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
     /// Guest 4 KiB sequential and random read/write throughput on raw, qcow2
     /// and a 3-layer qcow2 chain, next to the host's own I/O on the same files.
     Disk {

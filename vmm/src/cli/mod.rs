@@ -353,6 +353,23 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Bench(BenchCommand::Net {
+            count,
+            snapshots,
+            dir,
+            kernel,
+        }) => {
+            let b = crate::bench::NetBench {
+                kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                count: count.max(10),
+                snapshots: snapshots.max(1),
+            };
+            match crate::bench::net(&b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::Bench(BenchCommand::Snapshot {
             sizes,
             count,
