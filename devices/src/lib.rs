@@ -13,3 +13,4 @@ pub mod irq;
 pub mod persist;
 pub mod serial;
 pub mod virtio;
+pub mod worker;

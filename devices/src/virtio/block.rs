@@ -395,9 +395,9 @@ impl VirtioDevice for Block {
             notify.try_clone()?,
             kill.try_clone()?,
         );
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || worker_loop(handler, a, mem, n, k, irq))?;
+        let thread = crate::worker::spawn("virtio-blk", move || {
+            worker_loop(handler, a, mem, n, k, irq)
+        })?;
         self.worker = Some(Worker {
             thread,
             kill,

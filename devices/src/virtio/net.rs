@@ -483,9 +483,9 @@ impl VirtioDevice for Net {
             .map(|e| e.try_clone())
             .collect::<io::Result<Vec<_>>>()?;
         let (a, k) = (active.clone(), kill.try_clone()?);
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker_loop(handler, a, worker_notify, k))?;
+        let thread = crate::worker::spawn("virtio-net", move || {
+            worker_loop(handler, a, worker_notify, k)
+        })?;
         self.worker = Some(Worker {
             thread,
             kill,

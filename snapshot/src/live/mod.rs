@@ -189,18 +189,16 @@ impl Shared {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Writes the non-zero pages of `[host, host + len)` (at `gpa`).
-    fn copy_out(&self, host: usize, gpa: u64, len: usize) -> Result<(), MemoryFileError> {
-        let Some(file) = self.file.get() else {
-            return Ok(());
-        };
-        let mut i = 0;
-        let pages = len / PAGE_SIZE as usize;
+    /// The runs of non-zero pages in `[host, host + len)`: (byte offset,
+    /// byte length) pairs.
+    fn nonzero_runs(host: usize, len: usize) -> Vec<(usize, usize)> {
+        let page = PAGE_SIZE as usize;
+        // SAFETY: the range lies in a live guest mapping (the VM owns it for
+        // longer than any snapshot); it is only read, and the page is still
+        // write-protected, so its content is stable.
+        let zero = |p: usize| unsafe { page_is_zero(host + p * page) };
+        let (pages, mut runs, mut i) = (len / page, Vec::new(), 0);
         while i < pages {
-            // SAFETY: the range lies in a live guest mapping (the VM owns it
-            // for longer than any snapshot); it is only read, and the page is
-            // still write-protected, so its content is stable.
-            let zero = |p: usize| unsafe { page_is_zero(host + p * PAGE_SIZE as usize) };
             if zero(i) {
                 i += 1;
                 continue;
@@ -209,15 +207,61 @@ impl Shared {
             while i < pages && !zero(i) {
                 i += 1;
             }
-            let n = (i - start) * PAGE_SIZE as usize;
-            // SAFETY: as above.
-            let data = unsafe {
-                std::slice::from_raw_parts((host + start * PAGE_SIZE as usize) as *const u8, n)
-            };
-            file.write_at(data, gpa + (start as u64) * PAGE_SIZE)?;
-            self.written
-                .fetch_add((i - start) as u64, Ordering::Relaxed);
+            runs.push((start * page, (i - start) * page));
         }
+        runs
+    }
+
+    /// Writes the non-zero pages of `[host, host + len)` (at `gpa`).
+    fn copy_out(&self, host: usize, gpa: u64, len: usize) -> Result<(), MemoryFileError> {
+        let Some(file) = self.file.get() else {
+            return Ok(());
+        };
+        for (off, n) in Self::nonzero_runs(host, len) {
+            // SAFETY: as in `nonzero_runs`.
+            let data = unsafe { std::slice::from_raw_parts((host + off) as *const u8, n) };
+            file.write_at(data, gpa + off as u64)?;
+            self.written
+                .fetch_add((n / PAGE_SIZE as usize) as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Copies the non-zero pages of `[host, host + len)` into `staged` (as
+    /// (gpa, start, length) runs of `buf`), so the pages can be released
+    /// before the file is written: a write may be throttled by the kernel's
+    /// dirty-page limits for tens of milliseconds, and a guest writing one
+    /// of those pages would wait that long.
+    fn stage(
+        host: usize,
+        gpa: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+        staged: &mut Vec<(u64, usize, usize)>,
+    ) {
+        for (off, n) in Self::nonzero_runs(host, len) {
+            // SAFETY: as in `nonzero_runs`.
+            let data = unsafe { std::slice::from_raw_parts((host + off) as *const u8, n) };
+            staged.push((gpa + off as u64, buf.len(), n));
+            buf.extend_from_slice(data);
+        }
+    }
+
+    /// Writes what [`Shared::stage`] staged, and empties it.
+    fn write_staged(
+        &self,
+        buf: &mut Vec<u8>,
+        staged: &mut Vec<(u64, usize, usize)>,
+    ) -> Result<(), MemoryFileError> {
+        if let Some(file) = self.file.get() {
+            for &(gpa, start, n) in staged.iter() {
+                file.write_at(&buf[start..start + n], gpa)?;
+                self.written
+                    .fetch_add((n / PAGE_SIZE as usize) as u64, Ordering::Relaxed);
+            }
+        }
+        buf.clear();
+        staged.clear();
         Ok(())
     }
 
@@ -503,6 +547,8 @@ impl ArmedSnapshot {
         let total = s.pages * PAGE_SIZE;
         let result = (|| {
             const WRITEBACK_EVERY: usize = 32 << 20;
+            let mut buf = Vec::with_capacity(CHUNK_SIZE as usize);
+            let mut staged = Vec::new();
             for (r, first) in s.regions.iter().zip(&s.first_page) {
                 let mut off = 0usize;
                 let mut flushed = 0usize;
@@ -527,12 +573,12 @@ impl ArmedSnapshot {
                         let host = r.host + off + start * PAGE_SIZE as usize;
                         let gpa = r.gpa + (off + start * PAGE_SIZE as usize) as u64;
                         let n = (i - start) * PAGE_SIZE as usize;
-                        let copied = s.copy_out(host, gpa, n);
-                        // Release even on error, so the guest never hangs.
+                        Shared::stage(host, gpa, n, &mut buf, &mut staged);
                         s.wp.unprotect(host, n)?;
-                        copied?;
                         s.done.fetch_add((i - start) as u64, Ordering::AcqRel);
                     }
+                    // The chunk's pages are released; now the file.
+                    s.write_staged(&mut buf, &mut staged)?;
                     off += len;
                     s.drain_pending()?;
                     if off - flushed >= WRITEBACK_EVERY || off == r.len {

@@ -390,12 +390,22 @@ impl Vm {
         let cpus = if backend_quirks::pin_vcpus(self.config.pin_vcpus) {
             let allowed = backend_quirks::allowed_cpus().map_err(VcpuError::Affinity)?;
             let plan = backend_quirks::plan(self.pending_vcpus.len(), &allowed);
+            // Device workers (started on vCPU threads) run on the CPUs no
+            // vCPU is pinned to, or on all when there are none left.
+            let spare: Vec<usize> = allowed
+                .iter()
+                .copied()
+                .filter(|c| !plan.contains(c))
+                .collect();
+            let workers = if spare.is_empty() { allowed } else { spare };
             tracing::info!(
-                "vCPU threads pinned to host CPUs {plan:?} (pin_vcpus = {})",
+                "vCPU threads pinned to host CPUs {plan:?} (pin_vcpus = {}), device workers on {workers:?}",
                 self.config.pin_vcpus.as_str()
             );
+            devices::worker::set_worker_cpus(Some(workers));
             plan.into_iter().map(Some).collect()
         } else {
+            devices::worker::set_worker_cpus(None);
             vec![None; self.pending_vcpus.len()]
         };
         for ((index, fd), cpu) in self.pending_vcpus.drain(..).enumerate().zip(cpus) {
