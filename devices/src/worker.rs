@@ -88,7 +88,7 @@ mod tests {
         let seen = std::thread::spawn(move || {
             // A thread pinned to one CPU, like a vCPU, starts the worker.
             set_current_affinity(&[first]).unwrap();
-            let w = spawn("test-worker", || {
+            let w = spawn("test-worker", move || {
                 assert_eq!(current().last().copied(), Some(last));
             })
             .unwrap();
