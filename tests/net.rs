@@ -280,14 +280,15 @@ fn linux_fetches_over_http_across_a_live_snapshot_and_a_revert() {
         .unwrap();
     std::fs::write(www.join("blob"), &blob).unwrap();
     let want = sha256(&www.join("blob"));
-    let mut httpd = ns
-        .command("busybox")
-        .args(["httpd", "-f", "-p", "10.93.0.1:8000", "-h"])
-        .arg(&www)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _httpd = KillOnDrop(
+        ns.command("busybox")
+            .args(["httpd", "-f", "-p", "10.93.0.1:8000", "-h"])
+            .arg(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     let linux = linux_dir();
     let dir = root.join("vm");
@@ -343,8 +344,16 @@ fn linux_fetches_over_http_across_a_live_snapshot_and_a_revert() {
     assert!(!tail.contains("SNAPVM-LINUX init"), "not rebooted: {tail}");
     let st: Value = vm.status();
     assert_eq!(st["nets"][0]["mac"], mac.as_str());
-    let _ = httpd.kill();
-    let _ = httpd.wait();
+}
+
+/// A helper process (a web server) killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

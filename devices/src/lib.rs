@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod debug_exit;
 pub mod exit;
+pub mod generation;
 pub mod i8042;
 pub mod irq;
 pub mod persist;

@@ -97,6 +97,13 @@ static inline void outb(u16 port, u8 v)
     __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
 }
 
+static inline u32 inl(u16 port)
+{
+    u32 v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
 static inline u64 rdtsc(void)
 {
     u32 lo, hi;
@@ -406,21 +413,35 @@ static u32 mp_count_cpus(void)
 }
 
 /* ---------------------------------------------------------------- */
-/* Network polling hook (the driver is further down)                 */
+/* vCPU 0 polling hook: network and generation (both further down)   */
 /* ---------------------------------------------------------------- */
 
-/* Set once vCPU 0 has brought the virtio-net device up (ip= given). Only
- * vCPU 0 ever polls, so net_poll() is called only on vCPU 0's paths: the
- * memstamp page and rate-throttle loops (cpu 0), the wait for every disk
- * request (so between disk blocks too), the idle loop and after a finished
- * workload. Without ip= it is a single test of a flag that is never set. */
+/* net_on: set once vCPU 0 has brought the virtio-net device up (ip=
+ * given). vmgen_on: set after READY if a generation device answered at
+ * boot. Only vCPU 0 ever polls, so vcpu0_poll() is called only on vCPU 0's
+ * paths: the memstamp page and rate-throttle loops (cpu 0), the wait for
+ * every disk request (so between disk blocks too), the idle loop and after
+ * a finished workload. With neither it is a test of two flags that are
+ * never set. */
 static int net_on;
-static void net_poll_slow(void);
+static int vmgen_on;
+static void vcpu0_poll_slow(void);
 
-static inline void net_poll(void)
+static inline void vcpu0_poll(void)
 {
-    if (net_on)
-        net_poll_slow();
+    if (net_on | vmgen_on)
+        vcpu0_poll_slow();
+}
+
+/* Due before `t` (or the timer is implausibly far ahead, e.g. after a
+ * clock change): true, and the timer is set `every` ns past `t`. */
+static int timer_due(u64 *when, u64 t, u64 every)
+{
+    if ((int64_t)(t - *when) >= 0 || *when - t > 2 * every) {
+        *when = t + every;
+        return 1;
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- */
@@ -511,13 +532,13 @@ static void memstamp_pass(u32 cpu, u64 first, u64 last, u64 gen)
             p[i] = stamp_word(new, i);
         }
         if (cpu == 0)
-            net_poll(); /* vCPU 0 serves the network between pages */
+            vcpu0_poll(); /* vCPU 0: network and generation between pages */
         if (bytes_per_ns_budget && ((page - first) & 15) == 15) {
             u64 done = (page - first + 1) * PAGE_SIZE;
             u64 due = done * 1000000000ull / (bytes_per_ns_budget << 20);
             while (now_ns() - t0 < due) {
                 if (cpu == 0)
-                    net_poll();
+                    vcpu0_poll();
                 cpu_relax();
             }
         }
@@ -768,7 +789,7 @@ static void disk_request(u32 d, u32 type, u64 block)
     while ((seen = *(volatile u16 *)&k->used.idx) == last) {
         if (now_ns() - t0 > 10000000000ull)
             disk_fail(d, "request timed out: type/block", type, block);
-        net_poll(); /* only ever called on vCPU 0 */
+        vcpu0_poll(); /* only ever called on vCPU 0 */
         cpu_relax();
     }
     k->last_used++;
@@ -1044,7 +1065,6 @@ static struct vnet {
     u32 ping_unanswered;
     u64 next_tick, next_status, next_ping, announce_backoff;
     u32 announces;
-    int in_poll;
 } net;
 
 static u32 nreg_read(u32 off)
@@ -1479,13 +1499,19 @@ static void net_ping_tick(void)
     net.ping_unanswered++;
 }
 
-/* VIRTIO_NET_S_ANNOUNCE: gratuitous ARP (a request and a reply for our own
- * address, both broadcast), then VIRTIO_NET_CTRL_ANNOUNCE_ACK on the
- * control queue, which clears the bit. */
-static void net_announce(void)
+/* Gratuitous ARP: a request and a reply for our own address, both
+ * broadcast, from (and naming) net.mac. */
+static void net_garp(void)
 {
     arp_send(1, mac_bcast, mac_zero, net.ip);
     arp_send(2, mac_bcast, net.mac, net.ip);
+}
+
+/* VIRTIO_NET_S_ANNOUNCE: gratuitous ARP, then VIRTIO_NET_CTRL_ANNOUNCE_ACK
+ * on the control queue, which clears the bit. */
+static void net_announce(void)
+{
+    net_garp();
     struct netq *v = &net.q[2];
     net.ctrl_cmd[0] = NET_CTRL_ANNOUNCE;
     net.ctrl_cmd[1] = NET_CTRL_ANNOUNCE_ACK;
@@ -1523,54 +1549,78 @@ static void net_announce(void)
         net.features &= ~(1ull << F_NET_GUEST_ANNOUNCE); /* the queue is stuck */
 }
 
-/* Due before `t` (or the timer is implausibly far ahead, e.g. after a
- * clock change): true. */
-static int net_due(u64 *when, u64 t, u64 every)
-{
-    if ((int64_t)(t - *when) >= 0 || *when - t > 2 * every) {
-        *when = t + every;
-        return 1;
-    }
-    return 0;
-}
+static void vmgen_check(u64 t);
 
 /* The timed work, every millisecond or so. */
 static void net_tick(u64 t)
 {
     net_tx_reclaim();
-    if ((net.features & (1ull << F_NET_STATUS)) && net_due(&net.next_status, t, NET_STATUS_EVERY)) {
+    if ((net.features & (1ull << F_NET_STATUS)) &&
+        timer_due(&net.next_status, t, NET_STATUS_EVERY)) {
         u32 isr = nreg_read(0x60);
         if (isr)
             nreg_write(0x64, isr); /* nothing takes interrupts: just ack */
         u16 st = *(volatile u16 *)((volatile u8 *)net.vio + 0x100 + 6);
         if ((st & NET_S_ANNOUNCE) && (net.features & (1ull << F_NET_GUEST_ANNOUNCE)) &&
-            (int64_t)(t - net.announce_backoff) >= 0)
+            (int64_t)(t - net.announce_backoff) >= 0) {
+            /* A VMM that announces a clone may be quicker (10 ms) than the
+             * generation poll (100 ms): take up a new MAC first, so the
+             * announcement never names the old one. */
+            if (vmgen_on)
+                vmgen_check(t);
             net_announce();
+        }
     }
-    if (net.peer && net_due(&net.next_ping, t, NET_PING_EVERY))
+    if (net.peer && timer_due(&net.next_ping, t, NET_PING_EVERY))
         net_ping_tick();
 }
 
-static void net_poll_slow(void)
+/* One network poll at time `t`: received frames, then the timed work. */
+static void net_poll(u64 t)
 {
-    if (net.in_poll)
-        return;
-    net.in_poll = 1;
     if (*(volatile u16 *)&net.q[0].used.idx != net.q[0].last_used)
         net_rx();
-    u64 t = now_ns();
-    if (net_due(&net.next_tick, t, 1000000ull))
+    if (timer_due(&net.next_tick, t, 1000000ull))
         net_tick(t);
-    net.in_poll = 0;
 }
 
-/* Serves the network for good (vCPU 0 with nothing else to do). */
-static void net_serve_forever(void)
+/* The MAC in the device config (offset 0), read again should the config
+ * generation (register 0xfc) change meanwhile. */
+static void net_read_mac(u8 *m)
 {
-    for (;;) {
-        net_poll();
-        cpu_relax();
+    for (int tries = 0; tries < 4; tries++) {
+        u32 g = nreg_read(0xfc);
+        for (int i = 0; i < 6; i++)
+            m[i] = ((volatile u8 *)net.vio)[0x100 + i];
+        if (nreg_read(0xfc) == g)
+            return;
     }
+}
+
+/* After a generation change: a clone's device has a MAC of its own while
+ * its memory still holds the old one. Read it again and, if it differs,
+ * send everything from it from now on (and accept frames to it), announce
+ * it by gratuitous ARP and print the NET mac= line. */
+static void net_generation_changed(void)
+{
+    if (!(net.features & (1ull << F_NET_MAC)))
+        return; /* our MAC comes from our address, not from the device */
+    u8 m[6], old[6];
+    net_read_mac(m);
+    if (mac_is(m, net.mac))
+        return;
+    for (int i = 0; i < 6; i++) {
+        old[i] = net.mac[i];
+        net.mac[i] = m[i];
+    }
+    net_garp();
+    lock_print();
+    puts_("TESTGUEST NET mac=");
+    put_mac(net.mac);
+    puts_(" old=");
+    put_mac(old);
+    puts_("\n");
+    unlock_print();
 }
 
 /* ---- set-up ---- */
@@ -1629,8 +1679,7 @@ static void net_start(void)
     if (net.features & (1ull << F_NET_CTRL_VQ))
         net_queue(2, NET_CTQ);
     if (net.features & (1ull << F_NET_MAC)) {
-        for (int i = 0; i < 6; i++)
-            net.mac[i] = ((volatile u8 *)net.vio)[0x100 + i];
+        net_read_mac(net.mac);
     } else {
         /* No MAC offered: a locally administered one from our address. */
         net.mac[0] = 0x02;
@@ -1660,6 +1709,123 @@ static void net_start(void)
 }
 
 /* ---------------------------------------------------------------- */
+/* VM generation (snapvm's device at I/O ports 0x540-0x54f)          */
+/* ---------------------------------------------------------------- */
+
+/* A 128-bit value, four 32-bit words at 0x540, 0x544, 0x548 and 0x54c
+ * (word 0 least significant), that changes whenever the VM's memory goes
+ * on in another context: a snapshot applied, a VM cloned (the role of
+ * ACPI's VM Generation ID). All ones in every word (nothing at the ports)
+ * is no device (QEMU), and so would be QEMU's fw_cfg if the port were
+ * 0x510: its DMA address register at 0x514 reads as the signature
+ * "QEMU CFG". Without a device the ports are read at boot only. */
+#define VMGEN_PORT 0x540
+#define VMGEN_POLL_EVERY 100000000ull /* read it at most every 100 ms */
+
+static struct {
+    u32 cur[4];   /* the generation the guest runs in */
+    u64 next;     /* now_ns() of the next read */
+} vmgen;
+
+static void vmgen_read(u32 *w)
+{
+    for (int i = 0; i < 4; i++)
+        w[i] = inl((u16)(VMGEN_PORT + 4 * i));
+}
+
+static int vmgen_same(const u32 *a, const u32 *b)
+{
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* Reads the value again until two reads in a row agree (a snapshot taken
+ * between two of the four port reads would tear one). `w` holds a first
+ * read on entry and the settled value on return. */
+static void vmgen_settle(u32 *w)
+{
+    for (int tries = 0; tries < 8; tries++) {
+        u32 again[4];
+        vmgen_read(again);
+        if (vmgen_same(again, w))
+            return;
+        for (int i = 0; i < 4; i++)
+            w[i] = again[i];
+    }
+}
+
+static void put_vmgen(const u32 *w)
+{
+    for (int i = 3; i >= 0; i--)
+        for (int s = 28; s >= 0; s -= 4)
+            putc_("0123456789abcdef"[(w[i] >> s) & 15]);
+}
+
+/* At boot (before READY): 1 if a generation device answers, its value in
+ * vmgen.cur. Without one, these four reads are the only ones of its ports. */
+static int vmgen_probe(void)
+{
+    vmgen_read(vmgen.cur);
+    if ((vmgen.cur[0] & vmgen.cur[1] & vmgen.cur[2] & vmgen.cur[3]) == 0xffffffffu)
+        return 0; /* nothing there */
+    if (vmgen.cur[1] == 0x554d4551 && vmgen.cur[2] == 0x47464320)
+        return 0; /* "QEMU CFG": QEMU's fw_cfg */
+    vmgen_settle(vmgen.cur);
+    return 1;
+}
+
+/* Reads the generation (vCPU 0, vmgen_on) and handles a change: the
+ * GENERATION line, then a new MAC if the network is up. */
+static void vmgen_check(u64 t)
+{
+    vmgen.next = t + VMGEN_POLL_EVERY;
+    u32 w[4];
+    vmgen_read(w);
+    if (vmgen_same(w, vmgen.cur))
+        return;
+    vmgen_settle(w);
+    if (vmgen_same(w, vmgen.cur))
+        return;
+    lock_print();
+    puts_("TESTGUEST GENERATION old=");
+    put_vmgen(vmgen.cur);
+    puts_(" new=");
+    put_vmgen(w);
+    puts_("\n");
+    unlock_print();
+    for (int i = 0; i < 4; i++)
+        vmgen.cur[i] = w[i];
+    if (net_on)
+        net_generation_changed();
+}
+
+/* vCPU 0's poll with a network or a generation device: the network's
+ * poll, and every 100 ms the generation (otherwise only a clock read and a
+ * comparison for it). */
+static void vcpu0_poll_slow(void)
+{
+    static int in_poll;
+    if (in_poll)
+        return;
+    in_poll = 1;
+    u64 t = now_ns();
+    if (net_on)
+        net_poll(t);
+    if (vmgen_on && timer_due(&vmgen.next, t, VMGEN_POLL_EVERY))
+        vmgen_check(t);
+    in_poll = 0;
+}
+
+/* Serves the network and watches the generation for good (vCPU 0 with
+ * nothing else to do). */
+static void vcpu0_serve_forever(void)
+{
+    for (;;) {
+        vcpu0_poll();
+        cpu_relax();
+    }
+}
+
+/* ---------------------------------------------------------------- */
 /* Entry points                                                      */
 /* ---------------------------------------------------------------- */
 
@@ -1672,8 +1838,11 @@ static void finish_cpu(void)
         unlock_print();
         guest_exit(STATUS_OK);
     }
+    /* vCPU 0 keeps answering the network instead of halting. The
+     * generation alone does not keep it awake: an idle VM must not burn a
+     * host CPU (it is watched while a workload runs). */
     if (net_on && this_cpu() == 0)
-        net_serve_forever(); /* vCPU 0 keeps answering instead of halting */
+        vcpu0_serve_forever();
     sys_halt();
 }
 
@@ -1743,9 +1912,10 @@ static void run_workload(u32 cpu)
         }
         sys_halt();
     } else {
-        /* idle: vCPU 0 serves the network if there is one */
+        /* idle: vCPU 0 serves the network (and then watches the
+         * generation too); otherwise it halts like the others */
         if (net_on && cpu == 0)
-            net_serve_forever();
+            vcpu0_serve_forever();
         sys_halt();
     }
 }
@@ -1901,6 +2071,9 @@ static void bsp_main(void)
         cpu_relax();
     }
 
+    /* The VM generation, read once (and never again without a device). */
+    int with_vmgen = vmgen_probe();
+
     lock_print();
     puts_("TESTGUEST READY vcpus=");
     put_dec(ncpus);
@@ -1940,9 +2113,16 @@ static void bsp_main(void)
     }
     puts_(" kvmclock=");
     put_dec(kvmclock_ok);
+    puts_(" generation=");
+    if (with_vmgen)
+        put_vmgen(vmgen.cur);
+    else
+        puts_("none");
     puts_("\n");
     unlock_print();
 
+    vmgen.next = now_ns() + VMGEN_POLL_EVERY;
+    vmgen_on = with_vmgen; /* vCPU 0 polls it from now on */
     __atomic_store_n(&go, 1, __ATOMIC_SEQ_CST);
     if (with_net)
         net_start();

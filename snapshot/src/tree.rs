@@ -31,6 +31,14 @@ pub enum TreeError {
     /// No snapshot matches.
     #[error("no snapshot matches '{0}' (use an id, a unique id prefix or a unique name; `snapvm snapshot list` shows them)")]
     NotFound(String),
+    /// The snapshot is cloned: its clones read its layers and memory.
+    #[error("snapshot {snapshot} has clones that read its disks and memory: {}; delete them, or make them standalone with `snapvm clone detach DIR`, first", clones.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", "))]
+    HasClones {
+        /// The snapshot.
+        snapshot: String,
+        /// The clones' directories.
+        clones: Vec<PathBuf>,
+    },
     /// Several snapshots match.
     #[error("'{reference}' is ambiguous; it matches: {}", candidates.join(", "))]
     Ambiguous {
@@ -90,6 +98,10 @@ pub struct SnapshotMeta {
     pub duration_ms: u64,
     /// Frozen disk layers.
     pub disks: Vec<DiskLayer>,
+    /// VM directories cloned from this snapshot (absolute): they read its
+    /// disk layers and memory, so it cannot be deleted while they do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clones: Vec<PathBuf>,
 }
 
 /// The whole tree.
@@ -266,6 +278,7 @@ mod tests {
             memory_bytes: 0,
             duration_ms: 0,
             disks: vec![],
+            clones: vec![],
         }
     }
 

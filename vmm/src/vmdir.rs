@@ -143,6 +143,23 @@ pub struct VmToml {
     /// Network adapters in guest order (after the disks).
     #[serde(default, rename = "net", skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetEntry>,
+    /// Where this VM was cloned from (`snapvm snapshot clone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneOf>,
+}
+
+/// A clone's origin in vm.toml (`[clone]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneOf {
+    /// The VM directory it was cloned from (absolute).
+    pub source: PathBuf,
+    /// The snapshot it was cloned from (id).
+    pub snapshot: String,
+    /// Not started yet: its next start continues from the snapshot (with
+    /// memory shared with the other clones) instead of booting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// Paths of a VM directory.
@@ -583,6 +600,7 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
         huge_pages: req.huge_pages,
         disks: vec![],
         nets: net_entries(&req.nets),
+        clone: None,
     };
     let at_root = VmDir {
         root: root.to_path_buf(),
@@ -671,6 +689,7 @@ pub fn create(root: &Path, req: &CreateRequest) -> Result<VmDir, VmDirError> {
         huge_pages: req.huge_pages,
         disks,
         nets: net_entries(&req.nets),
+        clone: None,
     };
     dir.validate(&t)?;
     dir.save(&t)?;

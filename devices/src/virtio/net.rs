@@ -575,16 +575,6 @@ pub struct NetState {
     pub acked_features: u64,
 }
 
-/// A restore onto a device with another address.
-#[derive(Debug, thiserror::Error)]
-#[error("the snapshot's network device has MAC {}, this one {}", mac_text(.saved), mac_text(.now))]
-pub struct NetMismatch {
-    /// Saved.
-    pub saved: [u8; 6],
-    /// Now.
-    pub now: [u8; 6],
-}
-
 /// `52:54:00:12:34:56`.
 pub fn mac_text(m: &[u8; 6]) -> String {
     m.iter()
@@ -595,31 +585,36 @@ pub fn mac_text(m: &[u8; 6]) -> String {
 
 impl Persist for Net {
     type State = NetState;
-    type Error = NetMismatch;
+    type Error = std::convert::Infallible;
     const KIND: &'static str = "virtio-net";
     const VERSION: u32 = 1;
 
-    fn save(&self) -> Result<NetState, NetMismatch> {
+    fn save(&self) -> Result<NetState, Self::Error> {
         Ok(NetState {
             mac: self.mac,
             acked_features: self.acked,
         })
     }
 
-    fn check(&self, state: &NetState) -> Result<(), NetMismatch> {
-        if state.mac != self.mac {
-            return Err(NetMismatch {
-                saved: state.mac,
-                now: self.mac,
-            });
-        }
+    /// Any saved adapter fits: the MAC is the adapter's configuration (a
+    /// clone's adapters get new ones), not state.
+    fn check(&self, _state: &NetState) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// The guest will be asked to announce itself once the transport
-    /// activates the device again (if it took GUEST_ANNOUNCE).
-    fn restore(&mut self, state: NetState) -> Result<(), NetMismatch> {
-        self.check(&state)?;
+    /// activates the device again (if it took GUEST_ANNOUNCE). A saved MAC
+    /// other than this adapter's (a clone) is replaced by the adapter's:
+    /// the guest reads it from the configuration, and the generation
+    /// change tells it to (devices/src/generation.rs).
+    fn restore(&mut self, state: NetState) -> Result<(), Self::Error> {
+        if state.mac != self.mac {
+            tracing::info!(
+                "virtio-net: the snapshot's MAC {} continues as {}",
+                mac_text(&state.mac),
+                mac_text(&self.mac)
+            );
+        }
         self.pending.announce = true;
         Ok(())
     }

@@ -34,6 +34,9 @@ pub enum Command {
     /// detach one.
     #[command(subcommand)]
     Net(NetCommand),
+    /// Clones of snapshots: make one standalone.
+    #[command(subcommand)]
+    Clone(CloneCommand),
     /// Create a VM directory (VMDIR/vm.toml, disks/, kernel/, logs/, run/).
     ///
     /// The kernel, initrd and disks are copied into the directory so it is
@@ -189,6 +192,31 @@ pub enum SnapshotCommand {
         snapshot: String,
         /// The new VM directory (must not exist).
         newvmdir: PathBuf,
+    },
+    /// Clone a snapshot into new VMs that share its disks and memory: each
+    /// clone is a VM directory with the snapshot's hardware, its own name
+    /// and new MACs, disks that are qcow2 overlays on the snapshot's
+    /// layers, and (for a running or paused snapshot) a first start that
+    /// continues from the snapshot with memory shared copy-on-write. The
+    /// snapshot cannot be deleted while clones read it (see `snapvm clone
+    /// detach`).
+    Clone {
+        /// The VM directory.
+        vmdir: PathBuf,
+        /// Id, unique id prefix or unique name.
+        snapshot: String,
+        /// The new VM directory; with --count, NEWVMDIR-1 ... NEWVMDIR-N.
+        newvmdir: PathBuf,
+        /// How many clones.
+        #[arg(long, value_name = "N")]
+        count: Option<usize>,
+        /// Start each clone once it is made.
+        #[arg(long)]
+        start: bool,
+        /// The TAP device of each network adapter of clone N: a template
+        /// where {tap} is the snapshot's tap and {n} the clone's number.
+        #[arg(long, value_name = "TEMPLATE", default_value = "{tap}-{n}")]
+        tap: String,
     },
     /// Show one snapshot: metadata, parent, children, size on disk.
     Show {
@@ -368,6 +396,18 @@ pub struct ConfigArgs {
     /// Print the configuration as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum CloneCommand {
+    /// Make a clone standalone: copy the snapshot's disk layers it stands on
+    /// (flattened) and, if it never started, the snapshot's state and
+    /// memory into it, so the source snapshot can be deleted. The clone
+    /// must be off.
+    Detach {
+        /// The clone's VM directory.
+        vmdir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

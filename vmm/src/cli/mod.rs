@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use self::args::{BenchCommand, Cli, Command, DiskCommand, NetCommand, RunArgs, SnapshotCommand};
+use self::args::{
+    BenchCommand, Cli, CloneCommand, Command, DiskCommand, NetCommand, RunArgs, SnapshotCommand,
+};
 use crate::api::{TargetState, VmState};
 use crate::config::{parse_size, DiskConfig, VmConfig};
 use crate::hooks::Hooks;
@@ -16,6 +18,7 @@ use crate::machine::outcome::Outcome;
 
 pub mod api_client;
 pub mod args;
+pub mod clone_cmd;
 pub mod console;
 pub mod hardware_cmd;
 pub mod lifecycle;
@@ -243,6 +246,18 @@ fn lifecycle(cmd: Command, hooks: &Hooks) -> ExitCode {
                     &m.id[..8]
                 )
             }),
+        Command::Snapshot(SnapshotCommand::Clone {
+            vmdir,
+            snapshot,
+            newvmdir,
+            count,
+            start,
+            tap,
+        }) => clone_cmd::clone(&vmdir, &snapshot, &newvmdir, count, start, &tap)
+            .map_err(|e| e.to_string()),
+        Command::Clone(CloneCommand::Detach { vmdir }) => clone_cmd::detach(&vmdir)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
         Command::Snapshot(SnapshotCommand::Show { vmdir, snapshot }) => {
             snapshot_cmd::show(&vmdir, &snapshot)
                 .map_err(|e| e.to_string())

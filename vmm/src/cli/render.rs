@@ -193,6 +193,7 @@ mod tests {
             memory_bytes: 0,
             duration_ms: 0,
             disks: vec![],
+            clones: vec![],
         }
     }
 

@@ -192,6 +192,49 @@ fn used_layers(dir: &VmDir, tree: &Tree) -> Result<Vec<PathBuf>, MergesError> {
     Ok(used)
 }
 
+/// The layers clones read: every layer under a cloned snapshot's frozen
+/// layers, down to the base. None of them is merged or removed while the
+/// clones exist (they have them open, or will).
+fn pinned_layers(dir: &VmDir, tree: &Tree, graph: &LayerGraph) -> Vec<PathBuf> {
+    let mut pinned = Vec::new();
+    for s in &tree.snapshots {
+        if crate::daemon::snapshots::clone::live_clones(dir, s).is_empty() {
+            continue;
+        }
+        for d in &s.disks {
+            let mut at = Some(normalize(&dir.resolve(&d.layer)));
+            while let Some(p) = at {
+                at = graph
+                    .parent
+                    .get(&p)
+                    .and_then(|b| b.as_ref().map(|l| normalize(&l.path)));
+                if !pinned.contains(&p) {
+                    pinned.push(p);
+                }
+            }
+        }
+    }
+    pinned
+}
+
+/// Keeps a merge away from files it must not touch: a layer outside this
+/// VM's disks/ (another VM's, e.g. the snapshot layer a clone stands on, or
+/// a file linked in with --link) is only forgotten, never written or
+/// removed; a layer clones read waits until they are gone.
+fn guard(dir: &VmDir, pinned: &[PathBuf], a: Action) -> Action {
+    let own = |p: &Path| p.starts_with(normalize(&dir.disks_dir()));
+    match a {
+        Action::Remove(p) | Action::Merge { parent: p, .. } if !own(&p) => Action::Forget(p),
+        Action::Remove(p) | Action::Merge { parent: p, .. } if pinned.contains(&p) => {
+            Action::Wait {
+                layer: p,
+                children: 0,
+            }
+        }
+        a => a,
+    }
+}
+
 /// Removes and merges retired layers until none can go. `live` are the
 /// running VM's disks (empty when the VM is off).
 pub fn run(
@@ -213,7 +256,11 @@ pub fn run(
         let used = used_layers(dir, &tree)?;
         let graph = LayerGraph::build(&used).map_err(MergesError::from)?;
         let retired: Vec<PathBuf> = tree.retired.iter().map(|r| dir.resolve(r)).collect();
-        let actions = plan(&graph, &used, &retired);
+        let pinned = pinned_layers(dir, &tree, &graph);
+        let actions = plan(&graph, &used, &retired)
+            .into_iter()
+            .map(|a| guard(dir, &pinned, a))
+            .collect::<Vec<_>>();
         let mut forget = Vec::new();
         let mut next = None;
         report.waiting.clear();

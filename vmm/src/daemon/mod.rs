@@ -7,7 +7,7 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,9 +25,10 @@ use self::snapshots::restore::{self, ApplyOptions};
 use self::snapshots::SnapshotError;
 use crate::api::LastExit;
 use crate::hooks::Hooks;
+use crate::machine::apply::ApplyRequest;
 use crate::machine::outcome::Outcome;
 use crate::machine::vm::{Vm, VmError};
-use crate::vmdir::{VmDir, VmDirError};
+use crate::vmdir::{CloneOf, VmDir, VmDirError, VmToml};
 
 pub mod api_server;
 pub mod console_hub;
@@ -138,6 +139,57 @@ fn restore_session(
     Ok(session)
 }
 
+/// Builds the session of a pending clone's first start: an empty VM with
+/// the clone's hardware, guest RAM mapped privately from the source
+/// snapshot's staged memory (shared with the other clones), the snapshot's
+/// state restored; then the clone is no longer pending.
+fn clone_session(
+    dir: &VmDir,
+    mut toml: VmToml,
+    origin: &CloneOf,
+    paused: bool,
+    links: &Links,
+    hooks: &Hooks,
+) -> Result<Session, DaemonError> {
+    let started = Instant::now();
+    let start = snapshots::clone::prepare_start(dir, origin)?;
+    let config = dir.vm_config(&toml)?;
+    let mut vm = Vm::create_empty(&config, links.wiring(), hooks)?;
+    vm.start(true)?;
+    let disks: Vec<PathBuf> = config.disks.iter().map(|d| d.path.clone()).collect();
+    vm.apply(ApplyRequest {
+        state: start.state,
+        memory: &start.memory,
+        disks: &disks,
+        eager: false,
+        shared: Some(&start.staged),
+    })?;
+    if let Some(c) = toml.clone.as_mut() {
+        c.pending = false;
+    }
+    dir.save(&toml)?;
+    let power = if paused {
+        Power::Paused
+    } else {
+        vm.resume();
+        Power::Running
+    };
+    tracing::info!(
+        "clone started from snapshot {} in {} ms (memory shared through {})",
+        start.snapshot,
+        started.elapsed().as_millis(),
+        start.staged.display()
+    );
+    Ok(Session::new(
+        vm,
+        dir.clone(),
+        toml,
+        power,
+        hooks.clone(),
+        links.clone(),
+    ))
+}
+
 /// Runs the VMM of `root` until the VM stops. Returns how it ended. With
 /// `from`, the VM continues from that snapshot instead of booting.
 pub fn run(
@@ -188,8 +240,11 @@ pub fn run(
         ),
         taps: crate::machine::tap_pool::TapPool::new(),
     };
-    let session = match from {
-        None => {
+    let pending_clone = toml.clone.clone().filter(|c| c.pending);
+    let session = match (from, pending_clone) {
+        (Some(reference), _) => restore_session(&dir, reference, paused, &links, hooks)?,
+        (None, Some(origin)) => clone_session(&dir, toml, &origin, paused, &links, hooks)?,
+        (None, None) => {
             let mut vm = Vm::create(&dir.vm_config(&toml)?, links.wiring(), hooks)?;
             vm.start(paused)?;
             let power = if paused {
@@ -199,7 +254,6 @@ pub fn run(
             };
             Session::new(vm, dir.clone(), toml, power, hooks.clone(), links.clone())
         }
-        Some(reference) => restore_session(&dir, reference, paused, &links, hooks)?,
     };
     let session = Arc::new(session);
     let console =

@@ -28,6 +28,10 @@ pub struct ApplyRequest<'a> {
     /// Load all memory before returning (the baseline of `snapvm bench
     /// apply`) instead of lazily.
     pub eager: bool,
+    /// memory.bin staged on tmpfs (snapshot/src/shared_memory.rs): guest
+    /// RAM becomes a private, copy-on-write mapping of it instead of being
+    /// loaded (clones).
+    pub shared: Option<&'a Path>,
 }
 
 impl Vm {
@@ -51,7 +55,13 @@ impl Vm {
         self.components.check(&req.state.components)?;
         let file = MemoryFile::open(req.memory)?;
         file.check_layout(&regions)?;
-        let replaced = self.replace_state(&req.state, file, req.disks, req.eager);
+        let replaced = match req.shared {
+            Some(staged) => self.share_state(&req.state, staged, req.disks),
+            None => self.replace_state(&req.state, file, req.disks, req.eager),
+        };
+        // The guest's memory goes on in another context: a new generation
+        // (devices/src/generation.rs), before any vCPU runs again.
+        self.generation.renew();
         if let Err(e) = replaced {
             // Part of the VM's state is the snapshot's by now: stop it
             // rather than let it resume on a mix of two states.
@@ -60,6 +70,38 @@ impl Vm {
             return Err(VmError::Partial(e));
         }
         Ok(())
+    }
+
+    /// The part of [`Vm::apply`] after its checks for a clone: guest RAM
+    /// maps the staged memory privately; nothing is loaded.
+    fn share_state(
+        &self,
+        state: &MachineState,
+        staged: &Path,
+        disks: &[PathBuf],
+    ) -> Result<(), VmError> {
+        self.quiesce_devices();
+        if let Some(l) = self.lazy.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            l.abandon();
+        }
+        set_memslots(
+            &self.vm_fd,
+            &self.ram,
+            false,
+            "remove guest memory from KVM for an apply",
+        )?;
+        snapshot::shared_memory::map_private(
+            staged,
+            self.tracker.regions(),
+            self.tracker.write_protector(),
+        )?;
+        set_memslots(
+            &self.vm_fd,
+            &self.ram,
+            true,
+            "register guest memory with KVM again",
+        )?;
+        self.restore_components(state, disks)
     }
 
     /// The part of [`Vm::apply`] after its checks.

@@ -107,6 +107,9 @@ pub enum VmError {
     /// Guest memory could not be loaded (lazily or not) from memory.bin.
     #[error(transparent)]
     MemoryLoad(#[from] Arc<LazyError>),
+    /// A clone's shared memory could not be mapped.
+    #[error(transparent)]
+    SharedMemory(#[from] snapshot::shared_memory::SharedMemoryError),
     /// Guest memory could not be frozen for a live snapshot.
     #[error(transparent)]
     Live(#[from] LiveError),
@@ -157,6 +160,8 @@ pub struct Vm {
     pub(super) serial: Arc<Mutex<SerialDevice>>,
     pub(super) transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub(super) disk_backends: Vec<Arc<DiskBackend>>,
+    /// The generation the guest reads; a restore renews it.
+    pub(super) generation: Arc<devices::generation::Generation>,
     /// Everything with state, in save/restore order.
     pub(super) components: Components,
     pub(super) handles: Vec<VcpuHandle>,
@@ -356,6 +361,7 @@ impl Vm {
             serial: devices.serial,
             transports: devices.transports,
             disk_backends: devices.disk_backends,
+            generation: devices.generation,
             components,
             handles: Vec::new(),
             pending_vcpus,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::bus::{Bus, BusError, SharedDevice};
 use devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use devices::exit::ExitNotifier;
+use devices::generation::{Generation, GenerationDevice, GENERATION_PORT, GENERATION_PORT_LEN};
 use devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::irq::IrqLine;
 use devices::persist::Component;
@@ -44,6 +45,8 @@ pub(super) struct Devices {
     pub cmdline: String,
     /// The devices with state, in the order they are saved and restored.
     pub components: Vec<(String, Arc<dyn Component>)>,
+    /// The VM generation the guest reads (devices/src/generation.rs).
+    pub generation: Arc<Generation>,
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -101,6 +104,14 @@ pub(super) fn create(
             Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
             DEBUG_EXIT_PORT as u64,
             1,
+        )
+        .map_err(bus_err)?;
+    let generation = Generation::new();
+    io_bus
+        .insert(
+            Arc::new(Mutex::new(GenerationDevice::new(generation.clone()))),
+            GENERATION_PORT as u64,
+            GENERATION_PORT_LEN,
         )
         .map_err(bus_err)?;
     components.push((ids::SERIAL.into(), serial.clone()));
@@ -176,5 +187,6 @@ pub(super) fn create(
         disk_backends,
         cmdline,
         components,
+        generation,
     })
 }

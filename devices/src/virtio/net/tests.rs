@@ -272,9 +272,12 @@ fn offloads_follow_the_tap_and_the_state_names_the_mac() {
     assert_eq!(&cfg[..6], &mac);
     let s = net.save().unwrap();
     assert_eq!(s.mac, mac);
+    // A clone's adapter: the saved MAC is not this one; the adapter keeps
+    // its own.
     let mut other = s.clone();
     other.mac[5] = 9;
-    let e = net.restore(other).unwrap_err().to_string();
-    assert!(e.contains("52:54:00:01:02:09"), "{e}");
-    net.restore(s).unwrap();
+    net.check(&other).unwrap();
+    net.restore(other).unwrap();
+    net.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..6], &mac);
 }

@@ -106,6 +106,7 @@ impl Staging {
             pause_us: None,
             memory_bytes: 0,
             duration_ms: 0,
+            clones: vec![],
             // Independent disks are not captured: the configuration copy
             // records only that they were attached.
             disks: toml

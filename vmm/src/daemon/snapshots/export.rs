@@ -13,7 +13,7 @@ use crate::vmdir::{VmDir, VmDirError};
 
 /// Copies `src` to `dst` keeping holes: only non-zero 4 KiB blocks are
 /// written (memory.bin is mostly holes; std::fs::copy may fill them).
-fn copy_sparse(src: &Path, dst: &Path) -> Result<(), SnapshotError> {
+pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<(), SnapshotError> {
     use std::os::unix::fs::FileExt;
     let input = std::fs::File::open(src).map_err(io_err("cannot open", src))?;
     let len = input.metadata().map_err(io_err("cannot stat", src))?.len();
@@ -39,7 +39,7 @@ fn copy_sparse(src: &Path, dst: &Path) -> Result<(), SnapshotError> {
 
 /// Writes the content of the disk chain topped by `layer` into a sparse raw
 /// image `dst` (the flattened disk of an export).
-fn flatten_disk(layer: &Path, dst: &Path) -> Result<(), SnapshotError> {
+pub(crate) fn flatten_disk(layer: &Path, dst: &Path) -> Result<(), SnapshotError> {
     use std::os::unix::fs::FileExt;
     let disk = snapshot::disk::Disk::open(layer, true)?;
     let size = disk.size();

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use snapshot::atomic_file::sync_dir;
-use snapshot::tree::{SnapshotMeta, Tree};
+use snapshot::tree::{SnapshotMeta, Tree, TreeError};
 
 use super::{io_err, SnapshotError};
 use crate::daemon::hardware::Hardware;
@@ -94,6 +94,16 @@ pub fn delete(dir: &VmDir, reference: &str, subtree: bool) -> Result<DeleteResul
             .filter(|s| gone.contains(&s.id))
             .cloned()
             .collect();
+        // Clones read a snapshot's layers and memory: it stays while they do.
+        for s in &deleted {
+            let clones = super::clone::live_clones(dir, s);
+            if !clones.is_empty() {
+                return Err(TreeError::HasClones {
+                    snapshot: s.id.clone(),
+                    clones,
+                });
+            }
+        }
         for s in t.snapshots.iter_mut() {
             if s.parent.as_deref() == Some(target.id.as_str()) {
                 s.parent = target.parent.clone();
@@ -234,6 +244,7 @@ mod tests {
             huge_pages: Default::default(),
             disks: vec![],
             nets: vec![],
+            clone: None,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::machine::capture::CaptureError;
 use crate::machine::vm::VmError;
 use crate::vmdir::VmDirError;
 
+pub mod clone;
 pub mod create;
 pub mod export;
 pub mod manage;
@@ -74,6 +75,29 @@ pub enum SnapshotError {
         /// Its file.
         path: PathBuf,
     },
+    /// A clone's adapter would get an impossible tap name.
+    #[error("tap name '{name}' for a clone is not an interface name (1-15 bytes, no '/', ':' or space); give a shorter --tap template, e.g. --tap 'lab{{n}}'")]
+    BadCloneTap {
+        /// The name the template gave.
+        name: String,
+    },
+    /// A pending clone's source snapshot is gone.
+    #[error("clone {clone} continues from {missing}, which no longer exists: its source VM or snapshot moved or was deleted")]
+    CloneSourceMissing {
+        /// The clone.
+        clone: PathBuf,
+        /// The missing file.
+        missing: PathBuf,
+    },
+    /// A layer's backing reference could not be rewritten.
+    #[error(transparent)]
+    Header(#[from] snapshot::qcow2_header::HeaderError),
+    /// `clone detach` of a VM that is not a clone.
+    #[error("{0} is not a clone (its vm.toml has no [clone] section)")]
+    NotAClone(PathBuf),
+    /// A snapshot's memory could not be staged or mapped for clones.
+    #[error(transparent)]
+    SharedMemory(snapshot::shared_memory::SharedMemoryError),
     /// The snapshot's configuration names a disk it froze no layer of.
     #[error("snapshot {snapshot} has no disk layer for its disk {disk}; its metadata is damaged")]
     NoDiskLayer {

@@ -313,6 +313,7 @@ impl Session {
                 memory: &prepared.memory,
                 disks: prepared.disks(),
                 eager: options.eager,
+                shared: None,
             });
             (applied, commit.join())
         });
