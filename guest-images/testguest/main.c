@@ -328,16 +328,20 @@ static struct range area[MAX_RANGES];
 static u32 area_ranges;
 static u64 ram_bytes;
 
-/* Builds the memstamp area: RAM above max(16 MiB, end of image), up to
- * `want_pages` pages. Returns the pages found. */
-static u64 build_area(const struct hvm_start_info *si, u64 want_pages)
+/* Fills `out` (at most MAX_RANGES ranges, count in *nout) with usable RAM
+ * above max(16 MiB, end of image), in memory-map order: the first
+ * `skip_pages` pages of it are left out, then up to `want_pages` pages are
+ * taken. Returns the pages taken. */
+static u64 build_ranges(const struct hvm_start_info *si, u64 skip_pages, u64 want_pages,
+                        struct range *out, u32 *nout)
 {
     u64 floor = ((u64)_end + (2ull << 20) - 1) & ~((2ull << 20) - 1);
     if (floor < AREA_MIN_BASE)
         floor = AREA_MIN_BASE;
     u64 got = 0;
+    *nout = 0;
     const struct hvm_memmap_entry *e = (const void *)si->memmap_paddr;
-    for (u32 i = 0; i < si->memmap_entries && area_ranges < MAX_RANGES && got < want_pages; i++) {
+    for (u32 i = 0; i < si->memmap_entries && *nout < MAX_RANGES && got < want_pages; i++) {
         if (e[i].type != 1)
             continue;
         u64 start = e[i].addr, end = e[i].addr + e[i].size;
@@ -350,14 +354,28 @@ static u64 build_area(const struct hvm_start_info *si, u64 want_pages)
         if (end <= start)
             continue;
         u64 pages = (end - start) / PAGE_SIZE;
+        if (skip_pages >= pages) {
+            skip_pages -= pages;
+            continue;
+        }
+        start += skip_pages * PAGE_SIZE;
+        pages -= skip_pages;
+        skip_pages = 0;
         if (pages > want_pages - got)
             pages = want_pages - got;
-        area[area_ranges].base = start;
-        area[area_ranges].pages = pages;
-        area_ranges++;
+        out[*nout].base = start;
+        out[*nout].pages = pages;
+        (*nout)++;
         got += pages;
     }
     return got;
+}
+
+/* Builds the memstamp area: RAM above max(16 MiB, end of image), up to
+ * `want_pages` pages. Returns the pages found. */
+static u64 build_area(const struct hvm_start_info *si, u64 want_pages)
+{
+    return build_ranges(si, 0, want_pages, area, &area_ranges);
 }
 
 static u64 total_ram(const struct hvm_start_info *si)
@@ -370,14 +388,20 @@ static u64 total_ram(const struct hvm_start_info *si)
     return total;
 }
 
-static volatile u64 *page_addr(u64 page)
+/* Page `page` of the pages the ranges r[0..n) hold, in order. */
+static volatile u64 *ranges_page_addr(const struct range *r, u32 n, u64 page)
 {
-    for (u32 r = 0; r < area_ranges; r++) {
-        if (page < area[r].pages)
-            return (volatile u64 *)(area[r].base + page * PAGE_SIZE);
-        page -= area[r].pages;
+    for (u32 i = 0; i < n; i++) {
+        if (page < r[i].pages)
+            return (volatile u64 *)(r[i].base + page * PAGE_SIZE);
+        page -= r[i].pages;
     }
     return 0;
+}
+
+static volatile u64 *page_addr(u64 page)
+{
+    return ranges_page_addr(area, area_ranges, page);
 }
 
 static u32 mp_count_cpus(void)
@@ -413,23 +437,26 @@ static u32 mp_count_cpus(void)
 }
 
 /* ---------------------------------------------------------------- */
-/* vCPU 0 polling hook: network and generation (both further down)   */
+/* vCPU 0 polling hook: network, generation, keep region (further    */
+/* down)                                                             */
 /* ---------------------------------------------------------------- */
 
 /* net_on: set once vCPU 0 has brought the virtio-net device up (ip=
  * given). vmgen_on: set after READY if a generation device answered at
- * boot. Only vCPU 0 ever polls, so vcpu0_poll() is called only on vCPU 0's
- * paths: the memstamp page and rate-throttle loops (cpu 0), the wait for
- * every disk request (so between disk blocks too), the idle loop and after
- * a finished workload. With neither it is a test of two flags that are
- * never set. */
+ * boot. keep_on: set after READY with keep_mib= (the region is checked
+ * every 10 s). Only vCPU 0 ever polls, so vcpu0_poll() is called only on
+ * vCPU 0's paths: the memstamp page and rate-throttle loops (cpu 0), the
+ * wait for every disk request (so between disk blocks too), the idle loop
+ * and after a finished workload. With none of them it is a test of three
+ * flags that are never set. */
 static int net_on;
 static int vmgen_on;
+static int keep_on;
 static void vcpu0_poll_slow(void);
 
 static inline void vcpu0_poll(void)
 {
-    if (net_on | vmgen_on)
+    if (net_on | vmgen_on | keep_on)
         vcpu0_poll_slow();
 }
 
@@ -1798,9 +1825,99 @@ static void vmgen_check(u64 t)
         net_generation_changed();
 }
 
-/* vCPU 0's poll with a network or a generation device: the network's
- * poll, and every 100 ms the generation (otherwise only a clock read and a
- * comparison for it). */
+/* ---------------------------------------------------------------- */
+/* keep_mib=N: a read-mostly region (like kernel text, page cache)    */
+/* ---------------------------------------------------------------- */
+
+/* N MiB of RAM above the memstamp area (above the image without
+ * memstamp), filled by vCPU 0 at boot before READY and never written
+ * again: pages a VM cloned from a snapshot can keep sharing. vCPU 0 reads
+ * and checks every word of it at most every 10 s, from its polls. Page p
+ * (0-based within the region) holds the words of keep_stamp_base(p): the
+ * memstamp word pattern from the page index and the seed, in a page-index
+ * space of its own (bit 62; diskstamp uses bit 63), so no memstamp or disk
+ * stamp is ever a valid keep page. */
+#define KEEP_CHECK_EVERY 10000000000ull /* a check at most every 10 s */
+#define KEEP_NET_EVERY 256              /* pages between network polls in a check */
+
+static struct {
+    struct range area[MAX_RANGES];
+    u32 ranges;
+    u64 pages;
+    u64 mib;
+    u64 checks; /* verifications passed */
+    u64 next;   /* now_ns() of the next check */
+} keep;
+
+static inline u64 keep_stamp_base(u64 page)
+{
+    return stamp_base(page ^ 0x4000000000000000ull, 0);
+}
+
+static volatile u64 *keep_page_addr(u64 page)
+{
+    return ranges_page_addr(keep.area, keep.ranges, page);
+}
+
+/* At boot, vCPU 0, before READY: writes the whole region, once. */
+static void keep_fill(void)
+{
+    for (u64 page = 0; page < keep.pages; page++) {
+        volatile u64 *p = keep_page_addr(page);
+        u64 base = keep_stamp_base(page);
+        for (u64 i = 0; i < PAGE_SIZE / 8; i++)
+            p[i] = stamp_word(base, i);
+    }
+}
+
+/* Reads every word of the region (never writing it) and prints the PASS
+ * line, or the FAIL line at the first wrong word and stops. With the
+ * network up it is served every KEEP_NET_EVERY pages meanwhile. */
+static void keep_check(void)
+{
+    for (u64 page = 0; page < keep.pages; page++) {
+        const volatile u64 *p = keep_page_addr(page);
+        u64 base = keep_stamp_base(page);
+        for (u64 i = 0; i < PAGE_SIZE / 8; i++) {
+            u64 expect = stamp_word(base, i);
+            u64 found = p[i];
+            if (found != expect) {
+                lock_print();
+                puts_("TESTGUEST FAIL vcpu=0 workload=keep page=");
+                put_dec(page);
+                puts_(" addr=");
+                put_hex((u64)p + i * 8);
+                puts_(" word=");
+                put_dec(i);
+                puts_(" expected=");
+                put_hex(expect);
+                puts_(" found=");
+                put_hex(found);
+                puts_(" checks=");
+                put_dec(keep.checks);
+                puts_("\n");
+                unlock_print();
+                __atomic_store_n(&failed, 1, __ATOMIC_SEQ_CST);
+                guest_exit(STATUS_VERIFY_FAILED);
+                sys_halt();
+            }
+        }
+        if (net_on && (page % KEEP_NET_EVERY) == KEEP_NET_EVERY - 1)
+            net_poll(now_ns());
+    }
+    keep.checks++;
+    lock_print();
+    puts_("TESTGUEST PASS vcpu=0 workload=keep mib=");
+    put_dec(keep.mib);
+    puts_(" checks=");
+    put_dec(keep.checks);
+    puts_("\n");
+    unlock_print();
+}
+
+/* vCPU 0's poll with a network, a generation device or a keep region: the
+ * network's poll, every 100 ms the generation and every 10 s the keep
+ * region (otherwise only a clock read and a comparison for each). */
 static void vcpu0_poll_slow(void)
 {
     static int in_poll;
@@ -1812,6 +1929,10 @@ static void vcpu0_poll_slow(void)
         net_poll(t);
     if (vmgen_on && timer_due(&vmgen.next, t, VMGEN_POLL_EVERY))
         vmgen_check(t);
+    if (keep_on && timer_due(&keep.next, t, KEEP_CHECK_EVERY)) {
+        keep_check();
+        keep.next = now_ns() + KEEP_CHECK_EVERY; /* 10 s from its end */
+    }
     in_poll = 0;
 }
 
@@ -1950,6 +2071,7 @@ static void bsp_main(void)
     passes = arg_u64("passes", 1, &ok);
     rate_mibps = arg_u64("rate", 0, &ok);
     u64 mem_mib = arg_u64("mem_mib", 16, &ok);
+    keep.mib = arg_u64("keep_mib", 0, &ok);
     u64 want_cpus = arg_u64("vcpus", mp_count_cpus(), &ok);
     if (!ok)
         fail_args("(a number is malformed)");
@@ -1981,6 +2103,25 @@ static void bsp_main(void)
         }
         if (area_pages < ncpus)
             fail_args("(fewer pages than vCPUs)");
+    }
+
+    /* keep_mib=N: the keep region, right above the memstamp area (filled
+     * after the vCPUs are up). */
+    if (keep.mib) {
+        u64 mib = keep.mib < (16ull << 10) ? keep.mib : 16ull << 10; /* no overflow */
+        u64 want = mib << 8;
+        keep.pages = build_ranges(si, area_pages, want, keep.area, &keep.ranges);
+        if (keep.pages < want || keep.mib > mib) {
+            lock_print();
+            puts_("TESTGUEST FAIL bad-arguments keep_mib=");
+            put_dec(keep.mib);
+            puts_(" does not fit: ");
+            put_dec(keep.pages >> 8);
+            puts_(" MiB of RAM usable above the guest image and the memstamp area\n");
+            unlock_print();
+            guest_exit(STATUS_BAD_ARGS);
+            sys_halt();
+        }
     }
 
     with_disk = arg_is("workload", "memstamp") && arg_is("disk", "1");
@@ -2071,6 +2212,9 @@ static void bsp_main(void)
         cpu_relax();
     }
 
+    /* The keep region, written this once. */
+    keep_fill();
+
     /* The VM generation, read once (and never again without a device). */
     int with_vmgen = vmgen_probe();
 
@@ -2113,6 +2257,10 @@ static void bsp_main(void)
     }
     puts_(" kvmclock=");
     put_dec(kvmclock_ok);
+    if (keep.mib) {
+        puts_(" keep_mib=");
+        put_dec(keep.mib);
+    }
     puts_(" generation=");
     if (with_vmgen)
         put_vmgen(vmgen.cur);
@@ -2123,6 +2271,8 @@ static void bsp_main(void)
 
     vmgen.next = now_ns() + VMGEN_POLL_EVERY;
     vmgen_on = with_vmgen; /* vCPU 0 polls it from now on */
+    keep.next = now_ns() + KEEP_CHECK_EVERY;
+    keep_on = keep.mib != 0; /* and checks the keep region every 10 s */
     __atomic_store_n(&go, 1, __ATOMIC_SEQ_CST);
     if (with_net)
         net_start();

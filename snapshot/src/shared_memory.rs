@@ -103,12 +103,53 @@ pub fn stage(memory_bin: &Path, dest: &Path) -> Result<bool, SharedMemoryError> 
     result.map(|()| true)
 }
 
-/// Maps `staged` privately over guest RAM: each region's host range
-/// becomes a copy-on-write view of the staged file at the region's guest
-/// address. The write-protect registration (for the VM's own live
-/// snapshots) is dropped around the switch and made again on the new
-/// mapping. Guest memory must not be in use (vCPUs paused, KVM's memslots
-/// removed).
+/// Holes shorter than this between two data extents are mapped with them
+/// (fewer mappings; a hole page costs a page only if something reads it).
+const HOLE_MERGE: u64 = 1 << 20;
+
+/// The data extents of `file` within `[start, end)` (SEEK_DATA/SEEK_HOLE),
+/// neighbours closer than [`HOLE_MERGE`] joined.
+fn data_extents(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = start;
+    while at < end {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `at`
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        match out.last_mut() {
+            Some(last) if data - last.1 < HOLE_MERGE => last.1 = hole,
+            _ => out.push((data, hole)),
+        }
+        at = hole;
+    }
+    Ok(out)
+}
+
+/// Maps `staged` privately over guest RAM: within each region, every
+/// extent of the staged file that holds data becomes a copy-on-write view
+/// of it at the same guest address; holes stay anonymous memory (a read
+/// of a tmpfs hole through a mapping would allocate a page in the shared
+/// file, and a live snapshot reads every page). The write-protect
+/// registration (for the VM's own live snapshots) is dropped around the
+/// switch and made again. Guest memory must be unused and still empty (a
+/// VM just created: vCPUs paused, KVM's memslots removed).
 pub fn map_private(
     staged: &Path,
     regions: &[crate::live::GuestRegion],
@@ -122,23 +163,28 @@ pub fn map_private(
     };
     wp.unregister().map_err(wp_err)?;
     for r in regions {
-        let offset = libc::off_t::try_from(r.gpa)
-            .map_err(|_| io("map", staged)(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: replaces the VM's own guest RAM range (MAP_FIXED over its
-        // existing anonymous mapping, same length and address), which
-        // nothing uses while the VM is paused and out of KVM.
-        let p = unsafe {
-            libc::mmap(
-                r.host as *mut libc::c_void,
-                r.len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io("map", staged)(std::io::Error::last_os_error()));
+        let extents = data_extents(&file, r.gpa, r.gpa + r.len as u64)
+            .map_err(io("find the data of", staged))?;
+        for (a, b) in extents {
+            let offset = libc::off_t::try_from(a)
+                .map_err(|_| io("map", staged)(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+            let host = r.host + (a - r.gpa) as usize;
+            // SAFETY: replaces part of the VM's own guest RAM range
+            // (MAP_FIXED inside its existing anonymous mapping), which
+            // nothing uses while the VM is paused and out of KVM.
+            let p = unsafe {
+                libc::mmap(
+                    host as *mut libc::c_void,
+                    (b - a) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    offset,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io("map", staged)(std::io::Error::last_os_error()));
+            }
         }
     }
     wp.reregister().map_err(wp_err)
@@ -181,6 +227,12 @@ mod tests {
         assert!(staged[8192..12288].iter().all(|b| *b == 7));
         assert!(staged[3 << 20..(3 << 20) + 4096].iter().all(|b| *b == 9));
         assert!(staged[..8192].iter().all(|b| *b == 0));
+        let f = File::open(&dest).unwrap();
+        assert_eq!(
+            data_extents(&f, 0, 4 << 20).unwrap(),
+            [(8192, 12288), (3 << 20, (3 << 20) + 4096)],
+            "holes between pages further apart than a MiB stay holes"
+        );
         remove_staged(dest.parent().unwrap(), "abc");
         assert!(!dest.exists());
 

@@ -413,9 +413,17 @@ impl VmDir {
             }
             for (k, p) in [("base", &d.base), ("current", &d.current)] {
                 if !self.resolve(p).is_file() {
+                    // A clone's base lies in the VM it was cloned from.
+                    let why = match &t.clone {
+                        Some(c) if !self.resolve(p).starts_with(&self.root) => format!(
+                            ": this clone reads it from {}, which moved or was deleted (or its snapshot was)",
+                            c.source.display()
+                        ),
+                        _ => String::new(),
+                    };
                     return Err(self.key_err(
                         &format!("{key}.{k}"),
-                        format!("{} does not exist", self.resolve(p).display()),
+                        format!("{} no longer exists{why}", self.resolve(p).display()),
                     ));
                 }
             }

@@ -284,8 +284,12 @@ pub fn detach(dir: &VmDir) -> Result<Detached, SnapshotError> {
         let chain = snapshot::disk::resolve_chain(top)?;
         for pair in chain.windows(2) {
             let (upper, lower) = (&pair[0].path, &pair[1].path);
-            if own(upper) && !own(lower) && !cuts.iter().any(|(u, _)| u == upper) {
-                cuts.push((upper.clone(), lower.clone()));
+            let (upper, lower) = (
+                snapshot::merge::normalize(upper),
+                snapshot::merge::normalize(lower),
+            );
+            if own(&upper) && !own(&lower) && !cuts.iter().any(|(u, _)| *u == upper) {
+                cuts.push((upper, lower));
             }
         }
     }
@@ -315,7 +319,7 @@ pub fn detach(dir: &VmDir) -> Result<Detached, SnapshotError> {
         snapshot::qcow2_header::write_header(upper, &header)?;
     }
     for d in toml.disks.iter_mut() {
-        let base = dir.resolve(&d.base);
+        let base = snapshot::merge::normalize(&dir.resolve(&d.base));
         if let Some((_, flat)) = flat_of.iter().find(|(l, _)| *l == base) {
             d.base = dir.relative(flat);
         }
