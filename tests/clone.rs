@@ -84,7 +84,7 @@ fn generation_of(line: &str, key: &str) -> String {
 
 #[test]
 fn five_clones_run_together_verify_and_share_what_they_do_not_write() {
-    let shared = std::env::temp_dir().join(format!("snapvm-t-clone-shm-{}", std::process::id()));
+    let shared = PathBuf::from(format!("/dev/shm/snapvm-t-clone-{}", std::process::id()));
     std::env::set_var("SNAPVM_SHARED_DIR", &shared);
     let ns0 = Netns::new("clsrc");
     let root = std::env::temp_dir().join(format!("snapvm-t-clone-{}", std::process::id()));

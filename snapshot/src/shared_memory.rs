@@ -25,6 +25,9 @@ pub enum SharedMemoryError {
     /// memory.bin is unreadable or corrupt.
     #[error(transparent)]
     Source(#[from] MemoryFileError),
+    /// The staging directory is not on tmpfs.
+    #[error("{0} is not on tmpfs: clones share memory through a tmpfs file (set SNAPVM_SHARED_DIR to a directory under /dev/shm)")]
+    NotTmpfs(PathBuf),
     /// The staging directory or file could not be written.
     #[error("cannot {what} {path}: {source}")]
     Io {
@@ -54,11 +57,28 @@ pub fn staged_path(dir: &Path, id: &str, memory_bin: &Path) -> Result<PathBuf, S
     Ok(dir.join(format!("{id}-{:x}-{:x}.mem", m.dev(), m.ino())))
 }
 
+/// Whether `dir` is on tmpfs (shmem), the only file memory a private
+/// mapping of which userfaultfd can write-protect.
+pub fn on_tmpfs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid buffer for statfs to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` a valid statfs.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as libc::c_long == TMPFS_MAGIC }
+}
+
 /// Stages `memory_bin` at `dest` unless it is there already; returns
 /// whether it staged it (false: another clone did earlier).
 pub fn stage(memory_bin: &Path, dest: &Path) -> Result<bool, SharedMemoryError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    if !on_tmpfs(dir) {
+        return Err(SharedMemoryError::NotTmpfs(dir.to_path_buf()));
+    }
     let lock_path = dest.with_extension("lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -219,7 +239,12 @@ mod tests {
         w.write_at(&[9u8; 4096], 3 << 20).unwrap();
         w.finish().unwrap();
 
-        let dest = staged_path(&t.0.join("shm"), "abc", &bin).unwrap();
+        let shm = std::path::PathBuf::from(format!("/dev/shm/snapvm-test-{}", std::process::id()));
+        let dest = staged_path(&shm, "abc", &bin).unwrap();
+        assert!(matches!(
+            stage(&bin, &t.0.join("not-tmpfs").join("x.mem")),
+            Err(SharedMemoryError::NotTmpfs(_))
+        ));
         assert!(stage(&bin, &dest).unwrap());
         assert!(!stage(&bin, &dest).unwrap(), "staged once");
         let staged = std::fs::read(&dest).unwrap();
@@ -242,5 +267,6 @@ mod tests {
         let e = stage(&bin, &dest).unwrap_err().to_string();
         assert!(e.contains("chunk 0"), "{e}");
         assert!(!dest.exists() && !dest.with_extension("partial").exists());
+        let _ = std::fs::remove_dir_all(&shm);
     }
 }

@@ -12,6 +12,7 @@ use crate::cli::api_client::{Client, ClientError};
 
 mod apply;
 mod boot;
+mod clone;
 mod disk;
 mod engine;
 mod merge;
@@ -20,6 +21,7 @@ mod snapshot;
 
 pub use self::apply::{apply, ApplyBench};
 pub use self::boot::{boot, BootBench};
+pub use self::clone::{clone_bench, CloneBench};
 pub use self::disk::{disk, DiskBench};
 pub use self::merge::{merge, MergeBench};
 pub use self::net::{net, NetBench};

@@ -479,6 +479,26 @@ pub enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
     },
+    /// Clones: N clones of a running snapshot, made and started; time to
+    /// running and to the first verified pass (p50/p95) and host memory,
+    /// next to export + start --from of the same snapshot.
+    Clone {
+        /// Clones.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Guest memory in MiB (half of it read-only data the clones share).
+        #[arg(long, default_value_t = 1024)]
+        size: u64,
+        /// Export + start --from runs (each copies the whole snapshot).
+        #[arg(long, default_value_t = 3)]
+        baseline: usize,
+        /// Directory for the VMs (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The test guest (default: the one built with snapvm).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+    },
     /// Network: ping and UDP echo round trips (p50/p99) and echo rate of
     /// the test guest next to QEMU's virtio-net, in a namespace of its own;
     /// echoes lost and the longest round trip while live snapshots are

@@ -368,6 +368,25 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Bench(BenchCommand::Clone {
+            count,
+            size,
+            baseline,
+            dir,
+            kernel,
+        }) => {
+            let b = crate::bench::CloneBench {
+                kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                count: count.max(1),
+                size_mib: size.max(64),
+                baseline: baseline.max(1),
+            };
+            match crate::bench::clone_bench(&b) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::Bench(BenchCommand::Net {
             count,
             snapshots,

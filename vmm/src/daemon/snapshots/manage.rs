@@ -126,6 +126,8 @@ pub fn delete(dir: &VmDir, reference: &str, subtree: bool) -> Result<DeleteResul
     })?;
     let sdir = dir.snapshots_dir();
     for s in &result.deleted {
+        // The copy of its memory staged for clones, if any, goes too.
+        snapshot::shared_memory::remove_staged(&super::clone::shared_dir(), &s.id);
         let d = sdir.join(&s.id);
         if let Err(e) = std::fs::remove_dir_all(&d) {
             if e.kind() != std::io::ErrorKind::NotFound {
