@@ -25,6 +25,9 @@ pub(super) struct OldMemory {
 
 impl OldMemory {
     pub(super) fn poison(&self) {
+        if self.len == 0 {
+            return;
+        }
         // SAFETY: the old pages, mapped writable at `addr` for `len` bytes
         // until this value is dropped; nothing else refers to them.
         unsafe { std::ptr::write_bytes(self.addr as *mut u8, POISON, self.len) };
@@ -32,8 +35,12 @@ impl OldMemory {
 
     /// Pages that no longer hold only the poison; a report line.
     fn changes(&self) -> String {
-        // SAFETY: as in poison; only read.
-        let now = unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) };
+        let now: &[u8] = if self.len == 0 {
+            &[]
+        } else {
+            // SAFETY: as in poison; only read.
+            unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+        };
         let changed: Vec<u64> = now
             .chunks(4096)
             .enumerate()
@@ -53,6 +60,9 @@ impl OldMemory {
 
 impl Drop for OldMemory {
     fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
         // SAFETY: the old pages, moved out of guest RAM by replace_mapping;
         // nothing refers to this range.
         unsafe { libc::munmap(self.addr as *mut _, self.len) };
@@ -78,7 +88,8 @@ pub(super) fn replace_mapping(host: usize, len: usize, huge: bool) -> std::io::R
     if scratch == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: moves the guest RAM pages (one VMA: the region) onto the
+    // SAFETY: moves the guest RAM pages (one VMA: the region; see below
+    // for several) onto the
     // scratch range, which it replaces atomically; the guest RAM range
     // stays mapped. The guest is not running and no thread touches guest
     // memory meanwhile.
@@ -91,16 +102,28 @@ pub(super) fn replace_mapping(host: usize, len: usize, huge: bool) -> std::io::R
             scratch,
         )
     };
-    if moved == libc::MAP_FAILED {
+    let old = if moved == libc::MAP_FAILED {
         let e = std::io::Error::last_os_error();
         // SAFETY: our own scratch reservation.
         unsafe { libc::munmap(scratch, len) };
-        return Err(e);
-    }
-    let old = OldMemory {
-        addr: moved as usize,
-        len,
-        gpa: 0,
+        // EFAULT: the range is several mappings (a clone's memory: extents
+        // of a shared file between anonymous holes), which mremap cannot
+        // move at once. The fresh mapping below then replaces them all in
+        // one step, freeing the old pages on the spot.
+        if e.raw_os_error() != Some(libc::EFAULT) {
+            return Err(e);
+        }
+        OldMemory {
+            addr: 0,
+            len: 0,
+            gpa: 0,
+        }
+    } else {
+        OldMemory {
+            addr: moved as usize,
+            len,
+            gpa: 0,
+        }
     };
     // SAFETY: replaces the (now empty) guest RAM mapping with a fresh one
     // at the same address, atomically; the VMM and KVM keep using it.

@@ -73,7 +73,10 @@ fn wait_line(serial: &Path, from: usize, prefix: &str, what: &str) -> Result<Ins
         let s = std::fs::read_to_string(serial).unwrap_or_default();
         let tail = s.get(from..).unwrap_or("");
         if tail.contains("TESTGUEST FAIL") {
-            return Err(fail(what, tail.lines().find(|l| l.contains("FAIL")).unwrap_or("")));
+            return Err(fail(
+                what,
+                tail.lines().find(|l| l.contains("FAIL")).unwrap_or(""),
+            ));
         }
         if tail.lines().any(|l| l.starts_with(prefix)) {
             return Ok(Instant::now());
@@ -136,8 +139,15 @@ fn run_all(
     // (its first check of it), so that every VM has touched what it uses.
     for dir in &made {
         let serial = crate::vmdir::VmDir::new(dir).serial_log();
-        let from = std::fs::metadata(&serial).map(|m| m.len() as usize).unwrap_or(0);
-        wait_line(&serial, from, "TESTGUEST PASS vcpu=0 workload=keep", &dir.display().to_string())?;
+        let from = std::fs::metadata(&serial)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
+        wait_line(
+            &serial,
+            from,
+            "TESTGUEST PASS vcpu=0 workload=keep",
+            &dir.display().to_string(),
+        )?;
     }
     let private_kib = made.iter().filter_map(|d| pid_of(d)).map(private_kib).sum();
     let shared_kib = shared_dir.map(allocated_kib).unwrap_or(0);
@@ -176,7 +186,10 @@ pub fn clone_bench(b: &CloneBench) -> Result<(), BenchError> {
         .dir
         .join(format!("snapvm-bench-clone-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let shared = PathBuf::from(format!("/dev/shm/snapvm-bench-clone-{}", std::process::id()));
+    let shared = PathBuf::from(format!(
+        "/dev/shm/snapvm-bench-clone-{}",
+        std::process::id()
+    ));
     std::env::set_var("SNAPVM_SHARED_DIR", &shared);
     let vmdir = root.join("src");
     let req = crate::vmdir::CreateRequest {
