@@ -81,28 +81,53 @@ pub fn clone(
     let dests = destinations(dest, count);
     let total = dests.len();
     let t0 = Instant::now();
+    let mut made = Vec::new();
     for (i, d) in dests.iter().enumerate() {
-        let n = i + 1;
-        let partway = |source: LifecycleError| CloneCmdError::Partway {
-            n,
-            count: total,
-            dir: d.clone(),
-            source: Box::new(source),
-        };
-        let c = clone::clone(&dir, reference, d, n, &opts)
-            .map_err(|e| partway(LifecycleError::from(e)))?;
-        let pid = if start {
-            let st = lifecycle::start(&c.dir, false).map_err(partway)?;
-            st.pid
-        } else {
-            None
-        };
-        describe(&c, pid);
+        let c =
+            clone::clone(&dir, reference, d, i + 1, &opts).map_err(|e| CloneCmdError::Partway {
+                n: i + 1,
+                count: total,
+                dir: d.clone(),
+                source: Box::new(LifecycleError::from(e)),
+            })?;
+        made.push(c);
+    }
+    let made_ms = t0.elapsed().as_millis();
+    if !start {
+        for c in &made {
+            describe(c, None);
+        }
+        if total > 1 {
+            println!("{total} clones in {made_ms} ms");
+        }
+        return Ok(());
+    }
+    // All at once: each VMM starts on its own.
+    let dirs: Vec<PathBuf> = made.iter().map(|c| c.dir.clone()).collect();
+    let results = lifecycle::start_all(&dirs);
+    let mut first_error = None;
+    for (i, (c, r)) in made.iter().zip(results).enumerate() {
+        match r {
+            Ok(st) => describe(c, st.pid),
+            Err(e) => {
+                describe(c, None);
+                eprintln!("snapvm: clone {} did not start: {e}", c.dir.display());
+                first_error.get_or_insert(CloneCmdError::Partway {
+                    n: i + 1,
+                    count: total,
+                    dir: c.dir.clone(),
+                    source: Box::new(e),
+                });
+            }
+        }
     }
     if total > 1 {
-        println!("{total} clones in {} ms", t0.elapsed().as_millis());
+        println!(
+            "{total} clones made in {made_ms} ms, running after {} ms",
+            t0.elapsed().as_millis()
+        );
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// `snapvm clone detach`.

@@ -179,6 +179,11 @@ pub fn clone(
         let _ = std::fs::remove_dir_all(&dest);
         return Err(e.into());
     }
+    if pending {
+        // Staged now (once for all clones of the snapshot), so that the
+        // clones' starts only map it.
+        stage_memory(&snap.id, &sdir.join("memory.bin"))?;
+    }
     Ok(Cloned {
         dir: dest,
         nets,
@@ -201,6 +206,20 @@ pub fn live_clones(dir: &VmDir, snap: &SnapshotMeta) -> Vec<PathBuf> {
         })
         .cloned()
         .collect()
+}
+
+/// Stages the memory of snapshot `id` for its clones unless it is staged
+/// already; returns the staged file.
+fn stage_memory(id: &str, memory: &Path) -> Result<PathBuf, SnapshotError> {
+    let staged = shared_memory::staged_path(&shared_dir(), id, memory)
+        .map_err(SnapshotError::SharedMemory)?;
+    if shared_memory::stage(memory, &staged).map_err(SnapshotError::SharedMemory)? {
+        tracing::info!(
+            "staged the memory of snapshot {id} at {} for its clones",
+            staged.display()
+        );
+    }
+    Ok(staged)
 }
 
 /// What a pending clone's first start needs.
@@ -233,15 +252,7 @@ pub fn prepare_start(dir: &VmDir, origin: &CloneOf) -> Result<CloneStart, Snapsh
     }
     let state = MachineState::read(&state_path)?;
     MemoryFile::open(&memory)?.check_layout(&state.memory)?;
-    let staged = shared_memory::staged_path(&shared_dir(), &origin.snapshot, &memory)
-        .map_err(SnapshotError::SharedMemory)?;
-    if shared_memory::stage(&memory, &staged).map_err(SnapshotError::SharedMemory)? {
-        tracing::info!(
-            "staged the memory of snapshot {} at {} for its clones",
-            origin.snapshot,
-            staged.display()
-        );
-    }
+    let staged = stage_memory(&origin.snapshot, &memory)?;
     Ok(CloneStart {
         state,
         memory,
