@@ -147,6 +147,16 @@ fn five_clones_run_together_verify_and_share_what_they_do_not_write() {
         "the snapshot lists its clones: {tree}"
     );
 
+    // The memory all five share, staged when they were made.
+    let staged_files: Vec<PathBuf> = std::fs::read_dir(&shared)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "mem"))
+        .collect();
+    assert_eq!(staged_files.len(), 1, "{staged_files:?}");
+    let staged_sum = sha256(&staged_files[0]);
+
     // All five run at once, each in a namespace of its own.
     let spaces: Vec<Netns> = (1..=5).map(|i| Netns::new(&format!("cl{i}"))).collect();
     for (i, (c, ns)) in clones.iter().zip(&spaces).enumerate() {
@@ -201,6 +211,19 @@ fn five_clones_run_together_verify_and_share_what_they_do_not_write() {
     assert!(
         ratio < 2.5,
         "five clones take {ratio:.2} times one VM's memory ({private} KiB private, {staged} KiB staged, source {src_rss} KiB)"
+    );
+
+    // What they share is as it was: each one's writes went to its own
+    // overlay and its own copies of pages, which no other VM maps.
+    assert_eq!(
+        sha256(&staged_files[0]),
+        staged_sum,
+        "no clone wrote the shared memory"
+    );
+    assert_eq!(
+        sha256(&frozen),
+        frozen_sum,
+        "no clone wrote the snapshot's layer"
     );
 
     // A snapshot and an apply inside a clone verify, and the generation

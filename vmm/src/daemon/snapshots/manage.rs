@@ -219,7 +219,11 @@ pub fn show(dir: &VmDir, reference: &str) -> Result<SnapshotDetails, SnapshotErr
             .collect(),
         hardware,
         differences,
-        snapshot: s.clone(),
+        snapshot: SnapshotMeta {
+            // Only the clones that still read it.
+            clones: super::clone::live_clones(dir, s),
+            ..s.clone()
+        },
         children: tree.children(&s.id).iter().map(|c| c.id.clone()).collect(),
         now_here: tree.now.as_deref() == Some(s.id.as_str()),
         size_on_disk: SizeOnDisk {
