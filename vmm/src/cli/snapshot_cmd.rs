@@ -248,6 +248,8 @@ pub fn delete(
         return Ok(());
     }
     let _lock = lock_stopped(&dir)?;
+    crate::daemon::merges::recover(&dir, &[])?;
+    crate::daemon::orphans::collect(&dir);
     let r = manage::delete(&dir, &target.id, subtree)?;
     say_deleted(&r.deleted);
     if no_wait {

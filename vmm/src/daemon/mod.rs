@@ -39,6 +39,7 @@ pub mod jobs;
 pub mod lock;
 pub mod merger;
 pub mod merges;
+pub mod orphans;
 pub mod session;
 pub mod snapshots;
 pub mod status;
@@ -228,6 +229,8 @@ pub fn run(
     for id in snapshots::manage::clean_leftovers(&dir, &toml) {
         tracing::warn!("cleaned up the incomplete snapshot {id}");
     }
+    orphans::collect(&dir);
+    let toml = dir.load()?;
     let log = OpenOptions::new()
         .create(true)
         .append(true)

@@ -166,8 +166,19 @@ pub fn clone(
             return Err(e);
         }
     };
-    std::fs::rename(&staging, dest).map_err(io_err("cannot publish", dest))?;
-    let dest = std::fs::canonicalize(dest).unwrap_or_else(|_| dest.to_path_buf());
+    // Recorded in the snapshot before it exists: killed in between, the
+    // snapshot names a clone that is not there (ignored), never the other
+    // way round (a clone its snapshot does not protect).
+    let dest = match (dest.parent(), dest.file_name()) {
+        (Some(p), Some(n)) => std::fs::canonicalize(if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        })
+        .map(|p| p.join(n))
+        .unwrap_or_else(|_| dest.to_path_buf()),
+        _ => dest.to_path_buf(),
+    };
     let registered = Tree::update(&dir.tree_path(), |t| {
         let s = t.resolve_mut(&snap.id)?;
         if !s.clones.contains(&dest) {
@@ -176,8 +187,18 @@ pub fn clone(
         Ok(())
     });
     if let Err(e) = registered {
-        let _ = std::fs::remove_dir_all(&dest);
+        let _ = std::fs::remove_dir_all(&staging);
         return Err(e.into());
+    }
+    if let Err(e) = std::fs::rename(&staging, &dest) {
+        let _ = std::fs::remove_dir_all(&staging);
+        let _ = Tree::update(&dir.tree_path(), |t| {
+            if let Ok(s) = t.resolve_mut(&snap.id) {
+                s.clones.retain(|c| *c != dest);
+            }
+            Ok(())
+        });
+        return Err(io_err("cannot publish", &dest)(e));
     }
     if pending {
         // Staged now (once for all clones of the snapshot), so that the
