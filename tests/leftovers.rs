@@ -246,3 +246,58 @@ fn kill_9_at_any_instant_leaves_only_what_is_named() {
         "export left its staging directory"
     );
 }
+
+/// Fills the file system of `dir` with a file (until ENOSPC).
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let block = vec![0x55u8; 1 << 16];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+    p
+}
+
+#[test]
+fn full_disk_fails_apply_and_export_and_changes_nothing() {
+    use snapvm_tests::{mount_tmpfs, Unmount};
+    let root = std::env::temp_dir().join(format!("snapvm-t-fullapply-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(mount_tmpfs(&root, "96M"), "mounting a tmpfs needs root");
+    let _guard = Unmount(root.clone());
+    let vm = TestVm::create_in(&root, GUEST, "96M", 2, 8);
+    vm.ok(&["start"]);
+    vm.wait_serial(0, "workload=diskstamp gen=", 1, T);
+    let snap = vm.take("before-full");
+    let filler = fill(&root);
+    let tree_before = std::fs::read(vm.dir.join("snapshots/tree.json")).unwrap();
+    let toml_before = std::fs::read(vm.dir.join("vm.toml")).unwrap();
+    let pid = vm.status()["pid"].clone();
+
+    let r = vm.cli2(&["snapshot", "apply"], &[&snap]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("No space left on device"), "{r:?}");
+    let dest = root.join("exported");
+    let r = vm.cli2(&["snapshot", "export"], &[&snap, dest.to_str().unwrap()]);
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("No space left on device"), "{r:?}");
+    assert!(!dest.exists() && !dest.with_extension("partial").exists());
+
+    // Nothing changed: same VMM, running and verifying, same metadata.
+    assert_eq!(vm.status()["pid"], pid);
+    assert_eq!(vm.status()["state"], "running");
+    let mark = vm.serial().len();
+    vm.wait_serial(mark, "workload=diskstamp gen=", 1, T);
+    assert_eq!(
+        std::fs::read(vm.dir.join("snapshots/tree.json")).unwrap(),
+        tree_before
+    );
+    assert_eq!(std::fs::read(vm.dir.join("vm.toml")).unwrap(), toml_before);
+    exactly_what_is_named(&vm, "after the refused apply and export");
+
+    // With room again both work.
+    std::fs::remove_file(filler).unwrap();
+    vm.apply_and_verify(&snap, &[], T);
+    let r = vm.cli2(&["snapshot", "export"], &[&snap, dest.to_str().unwrap()]);
+    assert_eq!(r.code(), 0, "{r:?}");
+}

@@ -484,14 +484,17 @@ pub fn create_overlay_sized(
     let rel = relative_path(backing, new.parent().unwrap_or(Path::new(".")));
     let file =
         File::create_open(StorageCreateOptions::new().filename(new).size(0)).map_err(create_err)?;
-    Qcow2::<File>::create_builder(file)
+    // A file that exists but could not be finished (a full disk) is
+    // removed: nothing names it, and nothing would ever clean it up.
+    let finished = Qcow2::<File>::create_builder(file)
         .size(size)
         .backing(rel.to_string_lossy().into_owned(), format.name().into())
         .create()
-        .map_err(create_err)?;
-    std::fs::File::open(new)
-        .and_then(|f| f.sync_all())
-        .map_err(create_err)?;
+        .and_then(|_| std::fs::File::open(new).and_then(|f| f.sync_all()));
+    if let Err(e) = finished {
+        let _ = std::fs::remove_file(new);
+        return Err(create_err(e));
+    }
     Ok(())
 }
 
