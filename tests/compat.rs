@@ -125,7 +125,7 @@ fn snapshots_of_format_v1_start_apply_and_verify() {
 
     // The powered-off snapshot turns the VM off, with its configuration.
     let r = vm.ok2(&["snapshot", "apply"], &["off-v1"]);
-    assert!(r.stdout.contains("the VM is off"), "{r:?}");
+    assert!(r.stdout.contains("the VM is stopped"), "{r:?}");
     assert_eq!(vm.status()["state"], "stopped");
     assert_eq!(vm.tree()["now"], off.as_str());
     qemu_img_check(&vm);

@@ -144,7 +144,7 @@ fn powered_off_snapshot_applies_off_and_bad_references_are_refused() {
 
     // A powered-off snapshot applied to a running VM leaves it off.
     let r = vm.ok2(&["snapshot", "apply"], &[&off]);
-    assert!(r.stdout.contains("the VM is off"), "{r:?}");
+    assert!(r.stdout.contains("the VM is stopped"), "{r:?}");
     assert_eq!(vm.status()["state"], "stopped");
     assert_eq!(vm.tree()["now"], off);
 }

@@ -195,7 +195,7 @@ fn lifecycle(cmd: Command, hooks: &Hooks) -> ExitCode {
             .map(|v| {
                 if v.state == VmState::Stopped {
                     println!(
-                        "{} now continues from snapshot {} taken powered off: the VM is off",
+                        "{} now continues from snapshot {} taken powered off: the VM is stopped",
                         v.name,
                         from.as_deref().unwrap_or("?")
                     );
@@ -345,6 +345,10 @@ fn lifecycle(cmd: Command, hooks: &Hooks) -> ExitCode {
 /// Runs the `snapvm` command: parses the arguments, reads the debug and
 /// test hooks from the environment once, and dispatches.
 pub fn main() -> ExitCode {
+    // One policy for every file snapvm creates, by the CLI or the VMM
+    // (daemon::run sets the same): private to their owner.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     init_logging();
     let cli = Cli::parse();
     let hooks = Hooks::from_env();

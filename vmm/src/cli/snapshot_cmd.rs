@@ -60,7 +60,10 @@ pub fn create(
         stop_and_copy: false,
     })?;
     if no_wait {
-        println!("{}", job.job);
+        println!(
+            "snapshot job {} runs in the background (`snapvm status` shows its progress; the snapshot gets its id when it is published)",
+            job.job
+        );
         return Ok(());
     }
     let r: LiveResult = wait_job(&dir.api_socket(), &job.job, "snapshot")?;
@@ -136,6 +139,33 @@ pub fn apply(
                 }
                 None
             }
+            // The VMM died during the apply: the tree says whether the
+            // apply was recorded (the next start continues from it).
+            Err(LifecycleError::Client(
+                ClientError::NotRunning(_)
+                | ClientError::Closed(_)
+                | ClientError::Io { .. }
+                | ClientError::Malformed(_),
+            )) => {
+                wait_gone(&dir);
+                let now = Tree::load(&dir.tree_path())
+                    .map_err(SnapshotError::from)?
+                    .now;
+                let what = if now.as_deref() == Some(target.id.as_str()) {
+                    format!(
+                        "the apply was recorded: `snapvm start {}` boots the VM on the snapshot's disks; `snapvm start {} --from {}` continues from it",
+                        dir.root().display(),
+                        dir.root().display(),
+                        &target.id[..8]
+                    )
+                } else {
+                    "the apply was not recorded: the VM's disks and snapshots are as they were".into()
+                };
+                return Err(LifecycleError::JobFailed(format!(
+                    "the VMM stopped during the apply ({what}); see {}",
+                    dir.vmm_log().display()
+                )));
+            }
             Err(e) => return Err(e),
         };
         if let Some(saved) = r.as_ref().and_then(|r| r.saved_current.as_ref()) {
@@ -151,7 +181,7 @@ pub fn apply(
             target.id,
             target.name,
             match power {
-                PowerState::Off => "off",
+                PowerState::Off => "stopped",
                 PowerState::Paused => "paused",
                 PowerState::Running => "running",
             }
