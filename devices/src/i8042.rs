@@ -80,6 +80,30 @@ impl BusDevice for I8042 {
 mod tests {
     use super::*;
 
+    /// Writes and reads of any port offset and value: never a panic, and
+    /// only the reset command (0xfe to the command port) ends the VM.
+    #[test]
+    fn fuzz_ports() {
+        fuzzing::run("i8042 ports", 3000, 64, |u| {
+            let n = Arc::new(ExitNotifier::new().unwrap());
+            let mut d = I8042::new(n.clone());
+            let mut reset = false;
+            for _ in 0..u.int_in_range(1..=16)? {
+                let off = u.int_in_range(0..=7u64)?;
+                let v: u8 = u.arbitrary()?;
+                if u.arbitrary()? {
+                    let mut b = [0u8];
+                    d.read(off, &mut b);
+                } else {
+                    d.write(off, &[v]);
+                    reset |= off == 4 && v == 0xfe;
+                }
+            }
+            assert_eq!(n.exit().is_some(), reset);
+            Ok(())
+        });
+    }
+
     #[test]
     fn reset_command_ends_the_vm() {
         let n = Arc::new(ExitNotifier::new().unwrap());

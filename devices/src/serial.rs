@@ -230,6 +230,35 @@ mod tests {
         }
     }
 
+    /// Port writes and reads of any offset and width, console input, and
+    /// saved states with damaged fields: never a panic.
+    #[test]
+    fn fuzz_ports_and_saved_states() {
+        fuzzing::run("serial port", 2000, 512, |u| {
+            let mut s = SerialDevice::new(IrqLine::new().unwrap(), Box::new(SharedBuf::default()));
+            for _ in 0..u.int_in_range(1..=64)? {
+                let off = u.int_in_range(0..=9u64)?;
+                let mut b = vec![0u8; *u.choose(&[1usize, 2, 4])?];
+                match u.int_in_range(0..=2)? {
+                    0 => s.read(off, &mut b),
+                    1 => {
+                        u.fill_buffer(&mut b)?;
+                        s.write(off, &b);
+                    }
+                    _ => {
+                        let input: Vec<u8> = u.arbitrary()?;
+                        s.enqueue_input(&input);
+                    }
+                }
+            }
+            let json = serde_json::to_vec(&s.save().unwrap()).unwrap();
+            if let Ok(st) = serde_json::from_slice::<UartState>(&fuzzing::mutate(&json, u)?) {
+                let _ = s.restore(st);
+            }
+            Ok(())
+        });
+    }
+
     #[test]
     fn output_and_input_round_trip() {
         let out = SharedBuf::default();

@@ -409,6 +409,51 @@ mod tests {
         regions
     }
 
+    /// A damaged trailer or footer (the parts a reader trusts to find the
+    /// rest), or page data: refused naming the file, or read and verified,
+    /// never a panic or an out-of-bounds read.
+    #[test]
+    fn fuzz_trailer_footer_and_data() {
+        use std::os::unix::fs::FileExt;
+        let p = tmp("fuzz");
+        let regions = vec![(0, 2 * CHUNK_SIZE), (4 * CHUNK_SIZE, 4096)];
+        let w = MemoryFileWriter::create(&p, &regions).unwrap();
+        w.write_at(&[0x11; 4096], 8192).unwrap();
+        w.finish().unwrap();
+        let valid = std::fs::read(&p).unwrap();
+        let data_end = 4 * CHUNK_SIZE as usize + 4096;
+        let tail = valid[data_end..].to_vec();
+        fuzzing::run("memory.bin", 1500, 256, |u| {
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(data_end as u64).unwrap();
+            f.write_all_at(&[0u8; 4096], 8192).unwrap();
+            f.write_all_at(&[0x11; 4096], 8192).unwrap();
+            if u.arbitrary()? {
+                let at = u.int_in_range(0..=data_end as u64 - 1)?;
+                f.write_all_at(&[u.arbitrary::<u8>()? | 1], at).unwrap();
+            }
+            let t = if u.arbitrary()? {
+                fuzzing::mutate(&tail, u)?
+            } else {
+                tail.clone()
+            };
+            f.write_all_at(&t, data_end as u64).unwrap();
+            match MemoryFile::open(&p) {
+                Ok(m) => {
+                    let _ = m.check_layout(&regions);
+                    let _ = m.verify_all();
+                }
+                Err(e) => assert!(
+                    e.to_string().contains("memory.bin")
+                        || e.to_string().contains(&p.display().to_string()),
+                    "{e}"
+                ),
+            }
+            Ok(())
+        });
+        let _ = std::fs::remove_file(&p);
+    }
+
     #[test]
     fn round_trip() {
         let p = tmp("rt");

@@ -211,6 +211,35 @@ mod tests {
     use super::*;
     use crate::disk::{create_overlay, resolve_chain, Disk};
 
+    /// A damaged qcow2 header (cluster 0): the rewrite refuses it naming the
+    /// file, or rewrites it, never a panic or a write past the header.
+    #[test]
+    fn fuzz_header_rewrite() {
+        let d = std::env::temp_dir().join(format!("snapvm-hdr-fuzz-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let base = d.join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 16]).unwrap();
+        let top = d.join("top.qcow2");
+        create_overlay(&base, &top).unwrap();
+        let valid = std::fs::read(&top).unwrap();
+        let head = valid.len().min(1024);
+        fuzzing::run("qcow2 header rewrite", 2000, 256, |u| {
+            let mut bytes = fuzzing::mutate(&valid[..head], u)?;
+            if bytes.len() >= head {
+                bytes.extend_from_slice(&valid[head..]);
+            }
+            std::fs::write(&top, &bytes).unwrap();
+            let name: String = u.arbitrary()?;
+            match rebacked_header(&top, &name, DiskFormat::Raw) {
+                Ok(h) => assert!(h.len() <= 65536, "the rewrite stays in cluster 0"),
+                Err(e) => assert!(e.to_string().contains("top.qcow2"), "{e}"),
+            }
+            Ok(())
+        });
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn rebase_points_at_the_grandparent_and_keeps_data() {
         let d = std::env::temp_dir().join(format!("snapvm-hdr-{}", std::process::id()));

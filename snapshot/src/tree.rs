@@ -264,6 +264,36 @@ impl Tree {
 
 #[cfg(test)]
 mod tests {
+    /// tree.json damaged: refused naming the file, or read; lookups on what
+    /// reads never panic.
+    #[test]
+    fn fuzz_tree_json() {
+        let dir = std::env::temp_dir().join(format!("snapvm-fuzz-tree-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tree.json");
+        let mut t = Tree::default();
+        t.add(meta("a1", "one", None));
+        t.add(meta("b2", "two", Some("a1")));
+        t.retired.push("disks/x.qcow2".into());
+        t.save(&path).unwrap();
+        let valid = std::fs::read(&path).unwrap();
+        fuzzing::run("tree.json", 2000, 256, |u| {
+            std::fs::write(&path, fuzzing::mutate(&valid, u)?).unwrap();
+            match Tree::load(&path) {
+                Ok(t) => {
+                    let r: String = u.arbitrary()?;
+                    let _ = t.resolve(&r);
+                    for s in &t.snapshots {
+                        let _ = t.children(&s.id);
+                    }
+                }
+                Err(e) => assert!(e.to_string().contains("tree.json"), "{e}"),
+            }
+            Ok(())
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
 
     fn meta(id: &str, name: &str, parent: Option<&str>) -> SnapshotMeta {

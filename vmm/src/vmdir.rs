@@ -719,6 +719,29 @@ pub fn net_entries(nets: &[NetArg]) -> Vec<NetEntry> {
 
 #[cfg(test)]
 mod tests {
+    /// vm.toml as a user might damage it: refused with the file and key
+    /// named, or read, never a panic.
+    #[test]
+    fn fuzz_vm_toml() {
+        let root = std::env::temp_dir().join(format!("snapvm-fuzz-toml-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("disks")).unwrap();
+        std::fs::copy(guest_images::testguest_path(), root.join("k")).unwrap();
+        std::fs::write(root.join("disks/d.raw"), vec![0u8; 4096]).unwrap();
+        let valid = "name = \"v\"\nkernel = \"k\"\ncmdline = \"x\"\nmemory = \"64M\"\nvcpus = 1\n\n[[disk]]\nname = \"disk0\"\nbase = \"disks/d.raw\"\ncurrent = \"disks/d.raw\"\n\n[[net]]\nname = \"net0\"\ntap = \"t0\"\nmac = \"52:54:00:12:34:56\"\n\n[clone]\nsource = \"/x\"\nsnapshot = \"s\"\n";
+        let dir = VmDir::new(&root);
+        std::fs::write(dir.config_path(), valid).unwrap();
+        dir.load().expect("the sample is valid");
+        fuzzing::run("vm.toml", 2000, 256, |u| {
+            std::fs::write(dir.config_path(), fuzzing::mutate(valid.as_bytes(), u)?).unwrap();
+            if let Err(e) = dir.load() {
+                assert!(!e.to_string().is_empty());
+            }
+            Ok(())
+        });
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     use super::*;
 
     fn tmp(tag: &str) -> PathBuf {

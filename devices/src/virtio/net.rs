@@ -138,15 +138,26 @@ impl Handler {
     /// it adds meanwhile are picked up before notifications are back on.
     fn transmit(&mut self, q: &mut Queue) -> bool {
         let _ = q.disable_notification(&self.mem);
-        let mut signal = self.transmit_batch(q);
+        let (mut signal, _) = self.transmit_batch(q);
+        // enable_notification says whether the avail index moved past what
+        // was taken; a batch that takes nothing (an avail index more than a
+        // queue ahead, which virtio-queue refuses to walk) would make that
+        // true forever: the queue then waits for the guest to reset it.
         while q.enable_notification(&self.mem).unwrap_or(false) {
             let _ = q.disable_notification(&self.mem);
-            signal |= self.transmit_batch(q);
+            let (more, taken) = self.transmit_batch(q);
+            signal |= more;
+            if taken == 0 {
+                tracing::debug!("virtio-net: the transmit queue's avail index is invalid");
+                break;
+            }
         }
         signal
     }
 
-    fn transmit_batch(&mut self, q: &mut Queue) -> bool {
+    /// Sends the frames queued now; returns whether to interrupt and how
+    /// many chains it took.
+    fn transmit_batch(&mut self, q: &mut Queue) -> (bool, usize) {
         let mut done = Vec::new();
         while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
@@ -183,7 +194,8 @@ impl Handler {
             }
             done.push(head);
         }
-        self.complete(q, done.into_iter().map(|h| (h, 0)))
+        let taken = done.len();
+        (self.complete(q, done.into_iter().map(|h| (h, 0))), taken)
     }
 
     /// Moves frames from the tap into receive buffers while both last;

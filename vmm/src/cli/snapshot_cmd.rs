@@ -159,7 +159,8 @@ pub fn apply(
                         &target.id[..8]
                     )
                 } else {
-                    "the apply was not recorded: the VM's disks and snapshots are as they were".into()
+                    "the apply was not recorded: the VM's disks and snapshots are as they were"
+                        .into()
                 };
                 return Err(LifecycleError::JobFailed(format!(
                     "the VMM stopped during the apply ({what}); see {}",

@@ -268,6 +268,44 @@ fn handle(req: &mut Request, backend: &dyn ApiBackend) -> Result<(u16, String), 
 mod tests {
     use super::*;
 
+    /// Paths, queries and bodies as a client might send them: parsed or
+    /// refused with a message, never a panic.
+    #[test]
+    fn fuzz_paths_queries_and_bodies() {
+        let bodies = [
+            r#"{"name":"a","description":"b","stop_and_copy":false}"#,
+            r#"{"save_current":"x","eager":true}"#,
+            r#"{"state":"paused"}"#,
+            r#"{}"#,
+        ];
+        fuzzing::run("API paths, queries and bodies", 3000, 256, |u| {
+            let path: String = match u.int_in_range(0..=2)? {
+                0 => u.arbitrary()?,
+                1 => format!("/snapshots/{}", u.arbitrary::<String>()?),
+                _ => format!(
+                    "/snapshots/{}/{}",
+                    u.arbitrary::<String>()?,
+                    u.arbitrary::<String>()?
+                ),
+            };
+            if let Some(r) = Route::parse(&path) {
+                assert!(!r.allowed().is_empty());
+            }
+            let _ = subtree(&u.arbitrary::<String>()?);
+            let body = match u.arbitrary::<bool>()? {
+                true => u.arbitrary::<String>()?,
+                false => {
+                    let v = fuzzing::mutate(u.choose(&bodies)?.as_bytes(), u)?;
+                    String::from_utf8_lossy(&v).into_owned()
+                }
+            };
+            let _ = parse_body::<CreateSnapshotRequest>(&body);
+            let _ = parse_body::<ApplySnapshotRequest>(&body);
+            let _ = parse_body::<SetStateRequest>(&body);
+            Ok(())
+        });
+    }
+
     #[test]
     fn routes_and_their_methods() {
         assert_eq!(Route::parse("/vm"), Some(Route::Vm));

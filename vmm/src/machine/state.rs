@@ -163,6 +163,58 @@ impl MachineState {
 mod tests {
     use super::*;
 
+    /// state.bin damaged anywhere (container header, checksum, JSON, either
+    /// format): refused naming the file, or read, never a panic.
+    #[test]
+    fn fuzz_state_bin() {
+        let dir = std::env::temp_dir().join(format!("snapvm-fuzz-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.bin");
+        let v2 = MachineState {
+            memory: vec![(0, 1 << 25)],
+            components: vec![ComponentState {
+                id: "serial0".into(),
+                kind: "uart-16550a".into(),
+                version: 1,
+                state: serde_json::json!({"scratch": 7, "in_buffer": [1, 2]}),
+            }],
+        };
+        v2.write(&path).unwrap();
+        let valid_v2 = std::fs::read(&path).unwrap();
+        let v1 = serde_json::json!({
+            "vcpus": [{"regs": 1}], "vm": {"pic_master": 1, "pic_slave": 2, "ioapic": 3, "pit": 4, "clock": 5},
+            "serial": {}, "disks": [{}], "memory": [[0, 1024]]
+        });
+        state_file::write(&path, 1, &v1).unwrap();
+        let valid_v1 = std::fs::read(&path).unwrap();
+        let json_v2 = serde_json::to_vec(&v2).unwrap();
+        let json_v1 = serde_json::to_vec(&v1).unwrap();
+        fuzzing::run("state.bin", 3000, 256, |u| {
+            let (sample, json, version) = if u.arbitrary()? {
+                (&valid_v1, &json_v1, 1)
+            } else {
+                (&valid_v2, &json_v2, 2)
+            };
+            if u.arbitrary()? {
+                // Damaged bytes: mostly stopped by the container's checks.
+                std::fs::write(&path, fuzzing::mutate(sample, u)?).unwrap();
+            } else {
+                // A sound container around damaged content: reaches the
+                // decoders.
+                let text = fuzzing::mutate(json, u)?;
+                let Ok(value) = serde_json::from_slice::<serde_json::Value>(&text) else {
+                    return Ok(());
+                };
+                state_file::write(&path, version, &value).unwrap();
+            }
+            if let Err(e) = MachineState::read(&path) {
+                assert!(e.to_string().contains("state.bin"), "{e}");
+            }
+            Ok(())
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A format-1 state.bin (its shape as snapvm ff8343b wrote it, with
     /// small stand-in values) reads as the component list.
     #[test]
