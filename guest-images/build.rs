@@ -41,7 +41,7 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let src = manifest.join("testguest");
-    for f in ["start.S", "main.c", "link.ld"] {
+    for f in ["start.S", "main.c", "hostile.c", "link.ld"] {
         println!("cargo:rerun-if-changed={}", src.join(f).display());
     }
     let start_o = out.join("start.o");

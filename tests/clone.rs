@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use snapvm_tests::netns::Netns;
+use snapvm_tests::vmfiles::qemu_img_check;
 use snapvm_tests::{field, snapvm, TestVm};
 
 const T: Duration = Duration::from_secs(180);
@@ -25,25 +26,6 @@ fn sha256(path: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn qemu_img_check(dir: &Path) {
-    for e in std::fs::read_dir(dir.join("disks")).unwrap().flatten() {
-        if e.path().extension().is_some_and(|x| x == "qcow2") {
-            let out = Command::new("qemu-img")
-                .arg("check")
-                .arg(e.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "qemu-img check {}: {}{}",
-                e.path().display(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
 }
 
 /// Host memory a VMM process holds for itself alone (its private pages).

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use snapvm_tests::vmfiles::qemu_img_check;
 use snapvm_tests::TestVm;
 
 const T: Duration = Duration::from_secs(120);
@@ -53,24 +54,6 @@ fn verifies(vm: &TestVm, mark: usize) {
     let out = vm.wait_serial(mark, "workload=diskstamp gen=", 1, T);
     vm.wait_serial(mark, "vcpu=1 gen=", 1, T);
     assert!(!out.contains("READY"), "the guest rebooted: {out}");
-}
-
-fn qemu_img_check(vm: &TestVm) {
-    for e in std::fs::read_dir(vm.dir.join("disks")).unwrap().flatten() {
-        if e.path().extension().is_some_and(|x| x == "qcow2") {
-            let out = Command::new("qemu-img")
-                .arg("check")
-                .arg(e.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "qemu-img check {}: {}",
-                e.path().display(),
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-    }
 }
 
 /// Snapshots written with state.bin format version 1 (snapvm ff8343b):
@@ -128,5 +111,5 @@ fn snapshots_of_format_v1_start_apply_and_verify() {
     assert!(r.stdout.contains("the VM is stopped"), "{r:?}");
     assert_eq!(vm.status()["state"], "stopped");
     assert_eq!(vm.tree()["now"], off.as_str());
-    qemu_img_check(&vm);
+    qemu_img_check(&vm.dir);
 }

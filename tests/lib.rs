@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod netns;
+pub mod vmfiles;
 
 /// The `snapvm` binary: `$SNAPVM_BIN`, or the one cargo built next to this
 /// test executable (`cargo build` the workspace first; `.ci/run` does).

@@ -373,7 +373,10 @@ fn kill_9_while_streaming_leaves_no_half_snapshot() {
     let pid = vm.status()["pid"].as_i64().unwrap() as i32;
     let r = vm.cli2(&["snapshot", "create"], &["--no-wait"]);
     assert_eq!(r.code(), 0, "{r:?}");
-    assert!(r.stdout.starts_with("snapshot job "), "says what the id is: {r:?}");
+    assert!(
+        r.stdout.starts_with("snapshot job "),
+        "says what the id is: {r:?}"
+    );
     let job = r.stdout.split_whitespace().nth(2).unwrap_or("").to_string();
     // Wait until streaming is under way.
     let deadline = Instant::now() + T;

@@ -104,6 +104,30 @@ static inline u32 inl(u16 port)
     return v;
 }
 
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline u16 inw(u16 port)
+{
+    u16 v;
+    __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline void outw(u16 port, u16 v)
+{
+    __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline void outl(u16 port, u32 v)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
 static inline u64 rdtsc(void)
 {
     u32 lo, hi;
@@ -1946,6 +1970,8 @@ static void vcpu0_serve_forever(void)
     }
 }
 
+#include "hostile.c"
+
 /* ---------------------------------------------------------------- */
 /* Entry points                                                      */
 /* ---------------------------------------------------------------- */
@@ -2025,6 +2051,8 @@ static void run_workload(u32 cpu)
             guest_exit(breakpoints_seen == 1 ? STATUS_OK : STATUS_VERIFY_FAILED);
         }
         sys_halt();
+    } else if (arg_is("workload", "hostile")) {
+        hostile(cpu); /* every vCPU attacks; ends in finish_cpu() */
     } else if (arg_is("workload", "crash")) {
         if (cpu == 0) {
             /* Beyond the 16 GiB identity map: a ring-3 page fault. */
@@ -2077,8 +2105,21 @@ static void bsp_main(void)
         fail_args("(a number is malformed)");
     if (arg("workload") && !(arg_is("workload", "idle") || arg_is("workload", "memstamp") ||
                               arg_is("workload", "crash") || arg_is("workload", "emulation") ||
-                              arg_is("workload", "diskstamp") || arg_is("workload", "diskbench")))
-        fail_args("(workload must be idle, memstamp, diskstamp, diskbench, crash or emulation)");
+                              arg_is("workload", "diskstamp") || arg_is("workload", "diskbench") ||
+                              arg_is("workload", "hostile")))
+        fail_args("(workload must be idle, memstamp, diskstamp, diskbench, crash, emulation or "
+                  "hostile)");
+    if (arg_is("workload", "hostile")) {
+        h.seconds = arg_u64("seconds", 5, &ok);
+        h.min_buf = arg_u64("min_buf", 1, &ok);
+        if (!ok || h.min_buf > 4096)
+            fail_args("(seconds or min_buf (at most 4096) is malformed)");
+        if (!h.min_buf)
+            h.min_buf = 1;
+        /* hostile drives every device itself, the network adapter too */
+        if (arg("ip") || arg("peer"))
+            fail_args("(workload=hostile attacks every device: no ip= or peer=)");
+    }
     if (arg_is("workload", "diskbench") &&
         !(arg_is("mode", "seqread") || arg_is("mode", "seqwrite") || arg_is("mode", "randread") ||
           arg_is("mode", "randwrite")))
@@ -2214,6 +2255,10 @@ static void bsp_main(void)
 
     /* The keep region, written this once. */
     keep_fill();
+
+    /* hostile: the devices, the places outside RAM, the descriptor table. */
+    if (arg_is("workload", "hostile"))
+        hostile_prepare(si);
 
     /* The VM generation, read once (and never again without a device). */
     int with_vmgen = vmgen_probe();
