@@ -237,13 +237,13 @@ fn session(vm: &TestVm, seed: u64, ops: usize) -> (usize, usize) {
                         let mut m = model.clone();
                         m.now = Some(id.clone());
                         m.running = false;
-                        (vec!["snapshot", "apply", &d, &id].join(" "), Some(m))
+                        (["snapshot", "apply", &d, &id].join(" "), Some(m))
                     }
                     (2, Some(id)) => {
                         let mut m = model.clone();
                         m.deleted(&id, false);
                         m.running = false;
-                        (vec!["snapshot", "delete", &d, &id].join(" "), Some(m))
+                        (["snapshot", "delete", &d, &id].join(" "), Some(m))
                     }
                     _ => (format!("snapshot create {d} --name {name}"), None),
                 };

@@ -8,7 +8,8 @@
 //!
 //! Data flows one way, from the command line to the files. Shared by all
 //! layers: the VM directory ([`vmdir`]) and its configuration ([`config`]).
-//! Benchmarks are in [`bench`].
+//! Benchmarks are in [`bench`]; [`ui`] is `snapvm ui`, a web view of the
+//! VMs of a directory over the command line's functions.
 
 pub mod api;
 pub mod bench;
@@ -17,4 +18,5 @@ pub mod config;
 pub mod daemon;
 pub mod hooks;
 pub mod machine;
+pub mod ui;
 pub mod vmdir;

@@ -107,6 +107,35 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a web view of the VMs in DIR, like Hyper-V Manager: power
+    /// state, uptime, memory, vCPUs, disks and adapters; each VM's snapshot
+    /// tree drawn as a tree with "Now"; snapshot details, jobs and merges
+    /// with live progress, and the tail of the serial console.
+    ///
+    /// Its buttons do what the CLI does: start, stop, pause, resume;
+    /// snapshot, apply (optionally saving the current state first),
+    /// rename, describe, delete (a snapshot or a subtree), export. Running
+    /// VMs are reached through their VMM's API, VMs that are off through
+    /// their directory.
+    ///
+    /// Safe by default: it listens on 127.0.0.1 only, and prints a URL with
+    /// a random session token (`snapvm ui: open http://.../?token=...`);
+    /// only a browser that opened that URL gets in, and changes need the
+    /// token in a header and are refused from other origins. Stop it with
+    /// Ctrl-C; the VMs keep running.
+    Ui {
+        /// A VM directory, or a directory holding VM directories (default:
+        /// the current directory).
+        dir: Option<PathBuf>,
+        /// Address and port to listen on; port 0 takes a free one (the URL
+        /// printed names it).
+        #[arg(long, value_name = "ADDR:PORT", default_value = crate::ui::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// Allow a --listen address other than loopback. Anyone who can
+        /// reach it and has the token controls the VMs, over plain HTTP.
+        #[arg(long)]
+        allow_remote: bool,
+    },
     /// The background VMM process (started by `snapvm start`).
     #[command(name = "__vmm", hide = true)]
     Vmm {

@@ -472,6 +472,21 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Ui {
+            dir,
+            listen,
+            allow_remote,
+        } => {
+            let opts = crate::ui::UiOptions {
+                dir: dir.unwrap_or_else(|| PathBuf::from(".")),
+                listen,
+                allow_remote,
+            };
+            match crate::ui::run(opts, hooks.clone()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         other => lifecycle(other, &hooks),
     }
 }
