@@ -5,6 +5,7 @@
 //! snapshots can protect memory without re-registering it.
 
 pub mod atomic_file;
+pub mod chunk_crc;
 pub mod disk;
 pub mod lazy;
 pub mod live;

@@ -21,6 +21,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::chunk_crc::ChunkCrcs;
+
 /// Current format version.
 pub const VERSION: u32 = 1;
 /// Page size of the format.
@@ -114,6 +116,8 @@ pub struct MemoryFileWriter {
     file: File,
     path: PathBuf,
     regions: Vec<Region>,
+    /// Checksums of what [`MemoryFileWriter::write_at`] wrote.
+    crcs: ChunkCrcs,
 }
 
 impl MemoryFileWriter {
@@ -135,10 +139,12 @@ impl MemoryFileWriter {
             file,
             path: path.to_path_buf(),
             regions: regions.to_vec(),
+            crcs: ChunkCrcs::default(),
         })
     }
 
-    /// The file (for concurrent positional writes from several threads).
+    /// The file, to read (writes go through [`MemoryFileWriter::write_at`],
+    /// which keeps the checksums).
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -149,6 +155,7 @@ impl MemoryFileWriter {
     }
 
     /// Writes `data` at guest-physical `gpa`.
+    /// Safe from several threads; each byte is written at most once.
     pub fn write_at(&self, data: &[u8], gpa: u64) -> Result<(), MemoryFileError> {
         self.file
             .write_all_at(data, gpa)
@@ -156,7 +163,9 @@ impl MemoryFileWriter {
                 path: self.path.clone(),
                 what: "cannot write page data",
                 source,
-            })
+            })?;
+        self.crcs.record(gpa, data);
+        Ok(())
     }
 
     /// Starts writeback of `[offset, offset + len)` without waiting, so the
@@ -175,10 +184,11 @@ impl MemoryFileWriter {
         };
     }
 
-    /// Computes the chunk checksums from the written data, appends trailer
-    /// and footer, and fsyncs. Returns the bytes of page data on disk
+    /// Takes the chunk checksums computed while the data was written
+    /// (src/chunk_crc.rs; a chunk they cannot describe is read back),
+    /// appends trailer and footer, and fsyncs. Returns the bytes of page data on disk
     /// (excluding holes) as far as the file system reports them.
-    pub fn finish(self) -> Result<u64, MemoryFileError> {
+    pub fn finish(mut self) -> Result<u64, MemoryFileError> {
         let io = |what| {
             let path = self.path.clone();
             move |source| MemoryFileError::Io { path, what, source }
@@ -195,13 +205,20 @@ impl MemoryFileWriter {
         }
         let chunks = chunks(&self.regions);
         trailer.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
-        for (gpa, len) in &chunks {
-            let b = &mut buf[..*len as usize];
-            self.file
-                .read_exact_at(b, *gpa)
-                .map_err(io("cannot read back page data"))?;
-            trailer.extend_from_slice(&crc32fast::hash(b).to_le_bytes());
+        let known = std::mem::take(&mut self.crcs).finish(&chunks);
+        let mut buf = Vec::new();
+        for ((gpa, len), crc) in chunks.iter().zip(known) {
+            let crc = match crc {
+                Some(c) => c,
+                None => {
+                    buf.resize(*len as usize, 0);
+                    self.file
+                        .read_exact_at(&mut buf, *gpa)
+                        .map_err(io("cannot read back page data"))?;
+                    crc32fast::hash(&buf)
+                }
+            };
+            trailer.extend_from_slice(&crc.to_le_bytes());
         }
         let crc = crc32fast::hash(&trailer);
         trailer.extend_from_slice(&crc.to_le_bytes());
