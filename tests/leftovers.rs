@@ -80,6 +80,58 @@ fn kill_9_at_any_instant_leaves_only_what_is_named() {
         !dest.with_extension("partial").exists(),
         "export left its staging directory"
     );
+
+    // Clones are made by the CLI: killed at any instant, each clone is
+    // whole (it starts) or absent, the source holds what it names, and the
+    // next clone to the same place cleans up and succeeds.
+    let base_dest = vm.root.join("c");
+    let clone_args = |n: &str| {
+        [
+            "snapshot".to_string(),
+            "clone".into(),
+            d.clone(),
+            base.clone(),
+            base_dest.to_str().unwrap().into(),
+            "--count".into(),
+            n.into(),
+        ]
+    };
+    let delay = Duration::from_millis(rng.below(300));
+    let mut cli = Command::new(snapvm_bin())
+        .args(clone_args("3"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let ctx = format!("clone killed after {delay:?}, seed {seed}");
+    exactly_what_is_named(&vm, &ctx);
+    for i in 1..=3 {
+        // Its own root: dropping it removes the clone, not the source.
+        let dir = PathBuf::from(format!("{}-{i}", base_dest.display()));
+        let c = TestVm {
+            root: dir.clone(),
+            dir,
+        };
+        if c.dir.join("vm.toml").exists() {
+            c.ok(&["start"]);
+            assert_eq!(c.status()["state"], "running", "{ctx}: clone {i}");
+            c.ok(&["stop"]);
+        } else {
+            assert!(!c.dir.exists(), "{ctx}: clone {i} is half there");
+        }
+    }
+    let args = clone_args("3");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = snapvm_tests::snapvm(&args);
+    assert_eq!(r.code(), 0, "{ctx}: the clone after it: {r:?}");
+    for i in 1..=3 {
+        let staging = PathBuf::from(format!("{}-{i}.partial", base_dest.display()));
+        assert!(!staging.exists(), "{ctx}: {} is left", staging.display());
+    }
 }
 
 /// Fills the file system of `dir` with a file (until ENOSPC).

@@ -2,7 +2,9 @@
 //! through chromedriver (WebDriver) while the self-verifying test guest
 //! runs. The page takes snapshots, applies one and deletes one by clicks,
 //! and shows the tree, "Now" and the merge follow; the guest never fails.
-//! Requests without the token, or from another origin, are refused.
+//! The token travels in the URL's fragment only (never served, never in a
+//! cookie) and leaves the address bar; API requests without it, or from
+//! another origin, are refused.
 //!
 //! Needs /usr/bin/chromium and /usr/bin/chromedriver (scripts/setup-host
 //! installs them). Leaves a screenshot of the tree page in
@@ -245,7 +247,11 @@ async fn merge_ids(c: &Client) -> Vec<String> {
             .ok()
             .flatten()
             .unwrap_or_default();
-        out.push(format!("{state}:{id}"));
+        // An entry the page replaced while it was read has no attributes
+        // left: it says nothing.
+        if !state.is_empty() {
+            out.push(format!("{state}:{id}"));
+        }
     }
     out
 }
@@ -267,7 +273,7 @@ fn the_web_view_snapshots_applies_and_deletes_by_clicks() {
         ui.0.wait_for("snapvm ui: open ", T)
             .unwrap_or_else(|| panic!("snapvm ui printed no URL: {:?}", ui.0.seen));
     let url = line["snapvm ui: open ".len()..].trim().to_string();
-    let (base, token) = url.split_once("/?token=").expect("URL with ?token=");
+    let (base, token) = url.split_once("/#token=").expect("URL with #token=");
     let addr = base.trim_start_matches("http://").to_string();
     assert!(
         addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
@@ -275,10 +281,21 @@ fn the_web_view_snapshots_applies_and_deletes_by_clicks() {
     );
     assert_eq!(token.len(), 64, "{url}");
 
-    // Without the token nothing is served; changes need the token header
-    // and this server's origin; the VMM's refusals come back in its words.
-    assert_eq!(http(&addr, "GET", "/", &[]).0, 401);
+    // The page and its assets are served to anyone and hold no token; the
+    // API needs the token header (a cookie is none), changes this server's
+    // origin too; a reference the tree does not know is refused in the
+    // CLI's words.
+    for path in ["/", "/app.js", "/style.css"] {
+        let (st, body) = http(&addr, "GET", path, &[]);
+        assert_eq!(st, 200, "{path}: {body}");
+        assert!(!body.contains(token), "{path} holds the token");
+    }
     assert_eq!(http(&addr, "GET", "/api/vms", &[]).0, 401);
+    let cookie = format!("snapvm_ui={token}");
+    assert_eq!(
+        http(&addr, "GET", "/api/vms", &[("Cookie", &cookie)]).0,
+        401
+    );
     let (st, _) = http(&addr, "POST", "/api/vms/vm/pause", &[]);
     assert!(st == 401 || st == 403, "{st}");
     let wrong = "0".repeat(64);
@@ -310,7 +327,7 @@ fn the_web_view_snapshots_applies_and_deletes_by_clicks() {
     assert_eq!(st, 404, "{body}");
     assert!(
         body.contains("no snapshot matches 'no-such-snapshot'"),
-        "the VMM's words: {body}"
+        "the CLI's words: {body}"
     );
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -333,7 +350,8 @@ fn the_web_view_snapshots_applies_and_deletes_by_clicks() {
             .await
             .unwrap_or_else(|e| panic!("chromedriver at {driver_url} gave no session: {e}"));
 
-        // The URL printed logs in and leaves the address bar without the token.
+        // The URL printed opens the page, which takes the token out of the
+        // address bar once loaded.
         c.goto(&url).await.unwrap();
         let item = "li.vm[data-name='vm']";
         wait_for!(&c, &vm, "the VM listed as running", {
@@ -343,6 +361,16 @@ fn the_web_view_snapshots_applies_and_deletes_by_clicks() {
         });
         let here = c.current_url().await.unwrap();
         assert!(!here.as_str().contains("token="), "{here}");
+        // The list shows what runs, with its hardware.
+        let facts = wait_for!(&c, &vm, "the VM's facts in the list", {
+            match c.find(Locator::Css(&format!("{item} .vm-facts"))).await {
+                Ok(e) => e.text().await.ok().filter(|t| t.contains("up ")),
+                Err(_) => None,
+            }
+        });
+        for part in ["128 MiB", "3 vCPUs", "disk", "adapter"] {
+            assert!(facts.contains(part), "{part} in {facts:?}");
+        }
         click(&c, &vm, item).await;
         wait_for!(&c, &vm, "the VM's pane", {
             match c.find(Locator::Id("vm-name")).await {

@@ -119,10 +119,11 @@ pub enum Command {
     /// their directory.
     ///
     /// Safe by default: it listens on 127.0.0.1 only, and prints a URL with
-    /// a random session token (`snapvm ui: open http://.../?token=...`);
-    /// only a browser that opened that URL gets in, and changes need the
-    /// token in a header and are refused from other origins. Stop it with
-    /// Ctrl-C; the VMs keep running.
+    /// a random session token (`snapvm ui: open http://.../#token=...`,
+    /// after '#': never sent to any server); every API request needs that
+    /// token in a header, and changes are refused from other origins. Stop
+    /// it with Ctrl-C (it waits for merges and exports it started); the VMs
+    /// keep running.
     Ui {
         /// A VM directory, or a directory holding VM directories (default:
         /// the current directory).

@@ -2,26 +2,29 @@
 //! API while its VMM runs, on its directory while it is off (see
 //! vmm/src/cli/lifecycle.rs and vmm/src/cli/snapshot_cmd.rs). Long
 //! operations answer with the job that does them, which the page follows.
-//! Everything here blocks: the server calls it on tokio's blocking threads.
+//! A snapshot reference from a URL is resolved against the VM's tree.json
+//! first, as the CLI does, and only the id it resolves to goes on (to the
+//! VMM, or to a `snapvm` command line). Everything here blocks: the server
+//! calls it on tokio's blocking threads.
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use snapshot::tree::SnapshotMeta;
+use snapshot::tree::{SnapshotMeta, Tree};
 
 use super::error::RequestError;
 use super::jobs::LocalJobs;
 use crate::api::{ApplySnapshotRequest, CreateSnapshotRequest, SaveCurrent, TargetState};
 use crate::cli::api_client::Client;
 use crate::cli::lifecycle::{self, LifecycleError};
-use crate::cli::snapshot_cmd;
 use crate::daemon::lock::{is_running, lock_stopped};
 use crate::daemon::merges::{self, Progress};
 use crate::daemon::snapshots::create::{create_off, CreateOptions};
-use crate::daemon::snapshots::manage;
+use crate::daemon::snapshots::{manage, SnapshotError};
 use crate::hooks::Hooks;
 use crate::vmdir::VmDir;
 
@@ -36,19 +39,6 @@ pub enum Power {
     Pause,
     /// `snapvm resume`.
     Resume,
-}
-
-impl Power {
-    /// The button of a URL's last segment.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "start" => Power::Start,
-            "stop" => Power::Stop,
-            "pause" => Power::Pause,
-            "resume" => Power::Resume,
-            _ => return None,
-        })
-    }
 }
 
 /// POST /api/vms/{vm}/snapshots.
@@ -127,13 +117,37 @@ pub struct Context {
 fn not_busy(ctx: &Context, dir: &VmDir) -> Result<(), RequestError> {
     match ctx.jobs.holding_lock(dir.root()) {
         None => Ok(()),
-        Some(j) => Err(RequestError::Busy(format!(
-            "the {} job {} started from this page works on {} (it holds the VM's lock); wait until it ends",
-            j.kind,
-            j.id,
-            dir.root().display()
-        ))),
+        Some(j) => Err(RequestError::Busy {
+            job: j.id,
+            kind: j.kind,
+            vm: dir.root().to_path_buf(),
+        }),
     }
+}
+
+/// The snapshot `reference` (an id, a unique id prefix or a unique name)
+/// names in the VM's tree.json, as the CLI resolves it
+/// (vmm/src/cli/snapshot_cmd.rs): an unknown one is refused in its words.
+pub fn resolve(dir: &VmDir, reference: &str) -> Result<SnapshotMeta, RequestError> {
+    let tree = Tree::load(&dir.tree_path()).map_err(SnapshotError::from)?;
+    let found = tree.resolve(reference).map_err(SnapshotError::from)?;
+    Ok(found.clone())
+}
+
+/// `snapvm start -- ROOT`.
+fn start_args(root: &Path) -> Vec<&OsStr> {
+    vec!["start".as_ref(), "--".as_ref(), root.as_os_str()]
+}
+
+/// `snapvm snapshot apply [--save-current] -- ROOT ID`.
+fn apply_args<'a>(root: &'a Path, id: &'a str, save_first: bool) -> Vec<&'a OsStr> {
+    let mut args: Vec<&OsStr> = vec!["snapshot".as_ref(), "apply".as_ref()];
+    if save_first {
+        // Before `--`, which ends its optional value.
+        args.push("--save-current".as_ref());
+    }
+    args.extend::<[&OsStr; 3]>(["--".as_ref(), root.as_os_str(), id.as_ref()]);
+    args
 }
 
 /// Runs `snapvm ARGS` (this executable) to its end; its output, or its
@@ -144,7 +158,7 @@ fn not_busy(ctx: &Context, dir: &VmDir) -> Result<(), RequestError> {
 /// child of that short-lived `snapvm` process and outlives it, as after a
 /// `snapvm start` typed in a shell, instead of becoming a child of this
 /// long-running server that would have to reap it.
-fn run_snapvm(args: &[&std::ffi::OsStr]) -> Result<String, RequestError> {
+fn run_snapvm(args: &[&OsStr]) -> Result<String, RequestError> {
     let exe = std::env::current_exe().map_err(|source| RequestError::Spawn {
         exe: PathBuf::from("snapvm"),
         source,
@@ -162,20 +176,21 @@ fn run_snapvm(args: &[&std::ffi::OsStr]) -> Result<String, RequestError> {
         return Ok(stdout);
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let msg = stderr
+    let message = stderr
         .lines()
         .rev()
         .find_map(|l| l.strip_prefix("snapvm: error: "))
         .map(str::to_string)
-        .unwrap_or_else(|| {
-            let text = stderr.trim();
-            if text.is_empty() {
-                format!("snapvm exited with {}", out.status)
-            } else {
-                text.to_string()
-            }
-        });
-    Err(RequestError::Command(msg))
+        .or_else(|| Some(stderr.trim().to_string()).filter(|t| !t.is_empty()));
+    let command = std::iter::once("snapvm".into())
+        .chain(args.iter().map(|a| a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    Err(RequestError::Command {
+        command,
+        status: out.status,
+        message,
+    })
 }
 
 /// start, stop, pause, resume.
@@ -183,7 +198,7 @@ pub fn power(ctx: &Context, dir: &VmDir, what: Power) -> Result<Done, RequestErr
     not_busy(ctx, dir)?;
     let root = dir.root();
     let message = match what {
-        Power::Start => run_snapvm(&["start".as_ref(), root.as_os_str()])?,
+        Power::Start => run_snapvm(&start_args(root))?,
         Power::Stop => {
             lifecycle::stop(root, false)?;
             format!("stopped {}", root.display())
@@ -240,58 +255,57 @@ pub fn snapshot(ctx: &Context, dir: &VmDir, body: SnapshotBody) -> Result<Done, 
 
 /// Applies a snapshot: in the running VMM by its job, or, for a VM that is
 /// off, as `snapvm snapshot apply` does (it starts the VM from it).
-pub fn apply(ctx: &Context, dir: &VmDir, id: &str, body: ApplyBody) -> Result<Done, RequestError> {
+pub fn apply(
+    ctx: &Context,
+    dir: &VmDir,
+    reference: &str,
+    body: ApplyBody,
+) -> Result<Done, RequestError> {
     not_busy(ctx, dir)?;
+    let target = resolve(dir, reference)?;
     if is_running(dir) {
         let req = ApplySnapshotRequest {
             save_current: SaveCurrent::Flag(body.save_first),
             eager: false,
         };
-        let job = Client::new(&dir.api_socket()).apply_snapshot(id, &req)?;
+        let job = Client::new(&dir.api_socket()).apply_snapshot(&target.id, &req)?;
         return Ok(Done {
             job: Some(job.job),
             ..Default::default()
         });
     }
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "snapshot".as_ref(),
-        "apply".as_ref(),
-        dir.root().as_os_str(),
-        id.as_ref(),
-    ];
-    if body.save_first {
-        // Last: the option takes an optional name.
-        args.push("--save-current".as_ref());
-    }
-    let message = run_snapvm(&args)?;
+    let message = run_snapvm(&apply_args(dir.root(), &target.id, body.save_first))?;
     Ok(Done {
         message: Some(message),
         ..Default::default()
     })
 }
 
-/// Renames and/or describes a snapshot (on tree.json, as the CLI does,
-/// whether the VM runs or not).
-pub fn edit(dir: &VmDir, id: &str, body: EditBody) -> Result<Done, RequestError> {
-    if body.name.is_none() && body.description.is_none() {
-        return Err(RequestError::BadRequest(
-            "give a new name, a new description, or both".into(),
-        ));
+/// Renames and/or describes a snapshot on tree.json (as the CLI does,
+/// whether the VM runs or not): both changes in one update of the tree,
+/// to the snapshot the reference resolved to.
+pub fn edit(dir: &VmDir, reference: &str, body: EditBody) -> Result<Done, RequestError> {
+    let EditBody { name, description } = body;
+    if name.is_none() && description.is_none() {
+        return Err(RequestError::NothingToEdit);
     }
-    let mut last = None;
-    if let Some(n) = body.name.as_deref() {
-        if n.trim().is_empty() {
-            return Err(RequestError::BadRequest(
-                "a snapshot's name cannot be empty".into(),
-            ));
+    if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(RequestError::EmptyName);
+    }
+    let id = resolve(dir, reference)?.id;
+    let changed = Tree::update(&dir.tree_path(), |t| {
+        let s = t.resolve_mut(&id)?;
+        if let Some(n) = name {
+            s.name = n;
         }
-        last = Some(snapshot_cmd::rename(dir.root(), id, n)?);
-    }
-    if let Some(d) = body.description.as_deref() {
-        last = Some(snapshot_cmd::describe(dir.root(), id, d)?);
-    }
+        if let Some(d) = description {
+            s.description = d;
+        }
+        Ok(s.clone())
+    })
+    .map_err(SnapshotError::from)?;
     Ok(Done {
-        snapshot: last,
+        snapshot: Some(changed),
         ..Default::default()
     })
 }
@@ -299,10 +313,16 @@ pub fn edit(dir: &VmDir, id: &str, body: EditBody) -> Result<Done, RequestError>
 /// Deletes a snapshot (and with `subtree` its descendants): by the VMM,
 /// which merges in its background job, or, for a VM that is off, here
 /// under the VM's lock, the merges in a job of this server.
-pub fn delete(ctx: &Context, dir: &VmDir, id: &str, subtree: bool) -> Result<Done, RequestError> {
+pub fn delete(
+    ctx: &Context,
+    dir: &VmDir,
+    reference: &str,
+    subtree: bool,
+) -> Result<Done, RequestError> {
     not_busy(ctx, dir)?;
+    let id = resolve(dir, reference)?.id;
     if is_running(dir) {
-        let r = Client::new(&dir.api_socket()).delete_snapshot(id, subtree)?;
+        let r = Client::new(&dir.api_socket()).delete_snapshot(&id, subtree)?;
         return Ok(Done {
             job: r.job,
             deleted: r.deleted,
@@ -313,7 +333,7 @@ pub fn delete(ctx: &Context, dir: &VmDir, id: &str, subtree: bool) -> Result<Don
     let lock = lock_stopped(dir).map_err(LifecycleError::from)?;
     merges::recover(dir, &[]).map_err(LifecycleError::from)?;
     crate::daemon::orphans::collect(dir);
-    let r = manage::delete(dir, id, subtree)?;
+    let r = manage::delete(dir, &id, subtree)?;
     let owned = dir.clone();
     let hooks = ctx.hooks.clone();
     let job = ctx.jobs.spawn(
@@ -343,43 +363,38 @@ pub fn delete(ctx: &Context, dir: &VmDir, id: &str, subtree: bool) -> Result<Don
     })
 }
 
-/// Where an export goes: `path`, under the directory shown when relative.
+/// Where an export goes: `path`, under the directory shown when relative
+/// (and then without `..`, which would climb out of it).
 pub fn export_dest(root: &Path, path: &Path) -> Result<PathBuf, RequestError> {
     if path.as_os_str().is_empty() {
-        return Err(RequestError::BadRequest(
-            "give the new VM directory to export to".into(),
-        ));
+        return Err(RequestError::NoExportPath);
     }
-    Ok(if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        root.join(path)
-    })
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(RequestError::ExportPathClimbs(path.to_path_buf()));
+    }
+    Ok(root.join(path))
 }
 
 /// Exports a snapshot as a standalone VM directory, in a job of this
-/// server (`snapvm snapshot export`).
+/// server (`snapvm snapshot export`). What the export refuses (a
+/// destination that already holds a VM...) is the job's error, in its
+/// words.
 pub fn export(
     ctx: &Context,
     dir: &VmDir,
-    id: &str,
+    reference: &str,
     body: ExportBody,
 ) -> Result<Done, RequestError> {
     let dest = export_dest(&ctx.root, &body.path)?;
-    if dest.join("vm.toml").exists() {
-        return Err(RequestError::BadRequest(format!(
-            "{} already holds a VM",
-            dest.display()
-        )));
-    }
-    // Resolve now, so a wrong reference is refused at once.
-    snapshot_cmd::show(dir.root(), id)?;
-    let root = dir.root().to_path_buf();
-    let reference = id.to_string();
+    let id = resolve(dir, reference)?.id;
+    let owned = dir.clone();
     let job = ctx
         .jobs
         .spawn(dir.root(), "export", false, move |_: &dyn Fn(u64, u64)| {
-            snapshot_cmd::export(&root, &reference, &dest).map(|m| {
+            crate::daemon::snapshots::export::export(&owned, &id, &dest).map(|m| {
                 format!(
                     "exported snapshot {} \"{}\" to {}; continue it with: snapvm start {} --from {}",
                     m.id,
@@ -400,21 +415,124 @@ pub fn export(
 mod tests {
     use super::*;
 
+    use crate::cli::args::{Cli, Command as Cmd, SnapshotCommand};
+    use clap::Parser;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("snapvm-ui-act-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn snap(id: &str, name: &str) -> SnapshotMeta {
+        SnapshotMeta {
+            id: id.into(),
+            name: name.into(),
+            description: String::new(),
+            created_ms: 0,
+            parent: None,
+            power_state: snapshot::tree::PowerState::Off,
+            pause_us: None,
+            memory_bytes: 0,
+            duration_ms: 0,
+            disks: vec![],
+            clones: vec![],
+        }
+    }
+
     #[test]
-    fn buttons_and_bodies() {
-        assert_eq!(Power::parse("pause"), Some(Power::Pause));
-        assert_eq!(Power::parse("reboot"), None);
+    fn bodies() {
         let b: ApplyBody = serde_json::from_str(r#"{"save_first": true}"#).unwrap();
         assert!(b.save_first);
         assert!(serde_json::from_str::<ApplyBody>(r#"{"eager": true}"#).is_err());
         let e: EditBody = serde_json::from_str(r#"{"name": "n"}"#).unwrap();
         assert_eq!(e.name.as_deref(), Some("n"));
-        let r = edit(
-            &VmDir::new(Path::new("/nonexistent")),
-            "x",
-            EditBody::default(),
+        let nowhere = VmDir::new(Path::new("/nonexistent"));
+        let r = edit(&nowhere, "x", EditBody::default());
+        assert!(matches!(r, Err(RequestError::NothingToEdit)), "{r:?}");
+        let blank = EditBody {
+            name: Some(" ".into()),
+            description: None,
+        };
+        assert!(matches!(
+            edit(&nowhere, "x", blank),
+            Err(RequestError::EmptyName)
+        ));
+    }
+
+    #[test]
+    fn references_resolve_against_the_tree_and_edits_go_to_the_id() {
+        let root = scratch("resolve");
+        let dir = VmDir::new(&root);
+        std::fs::create_dir_all(dir.tree_path().parent().unwrap()).unwrap();
+        let mut tree = Tree::default();
+        tree.add(snap("11111111-aaaa-4000-8000-000000000001", "base"));
+        tree.add(snap("22222222-bbbb-4000-8000-000000000002", "other"));
+        tree.save(&dir.tree_path()).unwrap();
+        assert_eq!(
+            resolve(&dir, "base").unwrap().id,
+            "11111111-aaaa-4000-8000-000000000001"
         );
-        assert!(matches!(r, Err(RequestError::BadRequest(_))));
+        assert_eq!(resolve(&dir, "2222").unwrap().name, "other");
+        let e = resolve(&dir, "nope").unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::NOT_FOUND);
+        assert!(
+            e.to_string().starts_with("no snapshot matches 'nope'"),
+            "{e}"
+        );
+        // A rename to the other's name and a description at once: both
+        // reach the snapshot named at first.
+        let both = EditBody {
+            name: Some("other".into()),
+            description: Some("renamed".into()),
+        };
+        let done = edit(&dir, "base", both).unwrap();
+        let m = done.snapshot.unwrap();
+        assert_eq!(m.id, "11111111-aaaa-4000-8000-000000000001");
+        assert_eq!(
+            (m.name.as_str(), m.description.as_str()),
+            ("other", "renamed")
+        );
+        let t = Tree::load(&dir.tree_path()).unwrap();
+        let other = t.resolve("2222").unwrap();
+        assert_eq!(other.description, "", "the other snapshot is untouched");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn child_command_lines_parse_as_meant() {
+        let parse = |args: &[&OsStr]| {
+            Cli::try_parse_from(std::iter::once(OsStr::new("snapvm")).chain(args.iter().copied()))
+        };
+        // A directory whose name looks like an option stays a directory.
+        let root = Path::new("--paused");
+        match parse(&start_args(root)).unwrap().command {
+            Cmd::Start {
+                vmdir,
+                paused,
+                from,
+            } => {
+                assert_eq!(vmdir, root);
+                assert!(!paused && from.is_none());
+            }
+            _ => panic!("not a start"),
+        }
+        for save_first in [false, true] {
+            let args = apply_args(root, "-1234", save_first);
+            match parse(&args).unwrap().command {
+                Cmd::Snapshot(SnapshotCommand::Apply {
+                    vmdir,
+                    snapshot,
+                    save_current,
+                }) => {
+                    assert_eq!(vmdir, root);
+                    assert_eq!(snapshot, "-1234");
+                    assert_eq!(save_current, save_first.then(String::new));
+                }
+                _ => panic!("not an apply"),
+            }
+        }
     }
 
     #[test]
@@ -425,9 +543,26 @@ mod tests {
             Path::new("/vms/copy")
         );
         assert_eq!(
+            export_dest(root, Path::new("sub/copy")).unwrap(),
+            Path::new("/vms/sub/copy")
+        );
+        assert_eq!(
             export_dest(root, Path::new("/elsewhere/copy")).unwrap(),
             Path::new("/elsewhere/copy")
         );
-        assert!(export_dest(root, Path::new("")).is_err());
+        assert!(matches!(
+            export_dest(root, Path::new("")),
+            Err(RequestError::NoExportPath)
+        ));
+        for climbing in ["..", "../copy", "sub/../../copy", "./.."] {
+            let r = export_dest(root, Path::new(climbing));
+            match r {
+                Err(RequestError::ExportPathClimbs(p)) => assert_eq!(p, Path::new(climbing)),
+                other => panic!("{climbing}: {other:?}"),
+            }
+        }
+        let e = export_dest(root, Path::new("../x")).unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("../x"), "{e}");
     }
 }

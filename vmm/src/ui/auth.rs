@@ -1,19 +1,22 @@
 //! Who may use the web view: whoever has the session token printed at
 //! start. The rules, checked on every request before any handler runs:
 //!
-//! - `GET /?token=T` with the right token sets a cookie holding it
-//!   (HttpOnly, SameSite=Strict) and redirects to `/`, so the token leaves
-//!   the address bar; a wrong one gets the 401 page.
-//! - Every other request needs the token, in the `X-Snapvm-Token` header
-//!   or that cookie: otherwise 401 (a short page saying to open the URL
-//!   printed at start, or a JSON error under /api/).
-//! - A state-changing request (any method but GET and HEAD) needs the
-//!   header, not only the cookie (a page of another site can make the
-//!   browser send the cookie, but cannot read the token to set the header),
-//!   and, when it has an `Origin`, that must be this server's own origin
-//!   (`http://` and the Host header): otherwise 403.
+//! - The token is never in a cookie (a browser sends a cookie of
+//!   `localhost` to every port of it, so any other local server would get
+//!   it), nor in anything served. `snapvm ui` prints
+//!   `http://HOST:PORT/#token=T`: the fragment never reaches a server; the
+//!   page's script (vmm/src/ui/assets/app.js) takes it from there, keeps it
+//!   in `sessionStorage` (per origin, port included), clears it from the
+//!   address bar and sends it in the `X-Snapvm-Token` header.
+//! - So `/`, `/app.js` and `/style.css` are served to anyone: they hold no
+//!   secret.
+//! - Every request under `/api/` (GET too) needs the right token in that
+//!   header: otherwise 401.
+//! - A state-changing request (any method but GET and HEAD) that has an
+//!   `Origin` must come from this server's own origin (`http://` and the
+//!   Host header): otherwise 403.
 //! - Bound to a loopback address, requests must name a loopback host
-//!   (`localhost`, `127.0.0.1`, `[::1]`...), against DNS rebinding.
+//!   (`localhost`, `127.0.0.1`, `[::1]`...), against DNS rebinding: else 403.
 //!
 //! Tokens are compared in constant time.
 
@@ -21,9 +24,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::Path;
 
-use axum::extract::Query;
-use axum::http::{header, HeaderMap, Method, Uri};
-use serde::Deserialize;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 
 use super::error::UiError;
 
@@ -52,45 +53,54 @@ pub fn same_token(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Why a request is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// 401: no token, or a wrong one.
-    Unauthorized(String),
-    /// 403: a token, but not allowed this way.
-    Forbidden(String),
+    /// The Host header names no loopback address (DNS rebinding), on a
+    /// loopback-only server.
+    #[error("request for host '{0}' refused: this server answers only for loopback names")]
+    ForeignHost(String),
+    /// A state-changing request whose Origin is not this server's.
+    #[error("cross-origin request refused")]
+    CrossOrigin,
+    /// An API request without the X-Snapvm-Token header.
+    #[error(
+        "missing token: the API needs the X-Snapvm-Token header (the page sends it once opened \
+         with the URL `snapvm ui` printed when it started)"
+    )]
+    MissingToken,
+    /// An API request whose X-Snapvm-Token header is not the token.
+    #[error("wrong token: open the URL `snapvm ui` printed when it started")]
+    WrongToken,
 }
 
-/// What to do with a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Let the handler answer.
-    Pass,
-    /// `/?token=` with the right token: set the cookie, redirect to `/`.
-    Login,
-    /// Refuse.
-    Refuse(Refusal),
+impl Refusal {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::ForeignHost(_) | Refusal::CrossOrigin => StatusCode::FORBIDDEN,
+            Refusal::MissingToken | Refusal::WrongToken => StatusCode::UNAUTHORIZED,
+        }
+    }
 }
 
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
+/// Whether `path` is the JSON API's (everything that reads or changes a
+/// VM), which needs the token.
+pub fn is_api(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
 }
 
 /// The rules of one server.
 #[derive(Debug, Clone)]
 pub struct Auth {
     token: String,
-    cookie: String,
     allow_remote: bool,
 }
 
 impl Auth {
-    /// Rules for `token`; the cookie is named after the port, so servers
-    /// on other ports of the same host keep theirs.
-    pub fn new(token: String, port: u16, allow_remote: bool) -> Self {
+    /// Rules for `token`.
+    pub fn new(token: String, allow_remote: bool) -> Self {
         Self {
             token,
-            cookie: format!("snapvm_ui_{port}"),
             allow_remote,
         }
     }
@@ -100,76 +110,30 @@ impl Auth {
         &self.token
     }
 
-    /// The Set-Cookie value that carries the token.
-    pub fn set_cookie(&self) -> String {
-        format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Strict",
-            self.cookie, self.token
-        )
-    }
-
-    fn matches(&self, given: &str) -> bool {
-        same_token(given.as_bytes(), self.token.as_bytes())
-    }
-
-    fn cookie_token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().split_once('='))
-            .find(|(k, _)| *k == self.cookie)
-            .map(|(_, v)| v)
-    }
-
-    /// Decides about a request.
-    pub fn check(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Verdict {
+    /// Decides about a request: `Ok` lets the handler answer.
+    pub fn check(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<(), Refusal> {
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
         if !self.allow_remote && !host.is_some_and(is_loopback_host) {
-            return Verdict::Refuse(Refusal::Forbidden(format!(
-                "request for host '{}' refused: this server answers only for loopback names",
-                host.unwrap_or("")
-            )));
+            return Err(Refusal::ForeignHost(host.unwrap_or("").to_string()));
         }
         let state_changing = !matches!(*method, Method::GET | Method::HEAD);
-        if uri.path() == "/" && !state_changing {
-            if let Ok(Query(TokenQuery { token: Some(t) })) = Query::try_from_uri(uri) {
-                return if self.matches(&t) {
-                    Verdict::Login
-                } else {
-                    Verdict::Refuse(Refusal::Unauthorized(
-                        "wrong token: open the URL `snapvm ui` printed when it started".into(),
-                    ))
-                };
-            }
-        }
         if state_changing {
             if let Some(origin) = headers.get(header::ORIGIN) {
                 let own = host.map(|h| format!("http://{h}"));
                 if origin.to_str().ok() != own.as_deref() {
-                    return Verdict::Refuse(Refusal::Forbidden(
-                        "cross-origin request refused".into(),
-                    ));
+                    return Err(Refusal::CrossOrigin);
                 }
             }
         }
-        let header_token = headers
-            .get(TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| self.matches(t));
-        let cookie_token = self.cookie_token(headers).is_some_and(|t| self.matches(t));
-        if !header_token && !cookie_token {
-            return Verdict::Refuse(Refusal::Unauthorized(
-                "missing or wrong token: open the URL `snapvm ui` printed when it started".into(),
-            ));
+        if !is_api(uri.path()) {
+            return Ok(());
         }
-        if state_changing && !header_token {
-            return Verdict::Refuse(Refusal::Forbidden(
-                "state-changing requests need the X-Snapvm-Token header (the page sends it)".into(),
-            ));
+        let given = headers.get(TOKEN_HEADER).ok_or(Refusal::MissingToken)?;
+        if same_token(given.as_bytes(), self.token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Refusal::WrongToken)
         }
-        Verdict::Pass
     }
 }
 
@@ -192,7 +156,7 @@ mod tests {
     const TOKEN: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
     fn auth() -> Auth {
-        Auth::new(TOKEN.into(), 8470, false)
+        Auth::new(TOKEN.into(), false)
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -204,16 +168,8 @@ mod tests {
         h
     }
 
-    fn check(method: Method, uri: &str, pairs: &[(&'static str, &str)]) -> Verdict {
+    fn check(method: Method, uri: &str, pairs: &[(&'static str, &str)]) -> Result<(), Refusal> {
         auth().check(&method, &uri.parse().unwrap(), &headers(pairs))
-    }
-
-    fn unauthorized(v: &Verdict) -> bool {
-        matches!(v, Verdict::Refuse(Refusal::Unauthorized(_)))
-    }
-
-    fn forbidden(v: &Verdict) -> bool {
-        matches!(v, Verdict::Refuse(Refusal::Forbidden(_)))
     }
 
     #[test]
@@ -229,88 +185,78 @@ mod tests {
     }
 
     #[test]
-    fn the_page_needs_the_token_once_then_the_cookie() {
-        let cookie = format!("snapvm_ui_8470={TOKEN}");
-        assert_eq!(
-            check(Method::GET, &format!("/?token={TOKEN}"), &[]),
-            Verdict::Login
-        );
-        assert!(unauthorized(&check(Method::GET, "/?token=nope", &[])));
-        assert!(unauthorized(&check(Method::GET, "/", &[])));
-        assert!(unauthorized(&check(Method::GET, "/app.js", &[])));
-        assert_eq!(
-            check(Method::GET, "/", &[("cookie", &cookie)]),
-            Verdict::Pass
-        );
-        let others = format!("a=b; snapvm_ui_8470={TOKEN}; c=d");
-        assert_eq!(
-            check(Method::GET, "/", &[("cookie", &others)]),
-            Verdict::Pass
-        );
-        // Another port's cookie is not this server's.
-        let other_port = format!("snapvm_ui_9999={TOKEN}");
-        assert!(unauthorized(&check(
-            Method::GET,
-            "/",
-            &[("cookie", &other_port)]
-        )));
-        assert!(auth().set_cookie().contains("HttpOnly; SameSite=Strict"));
+    fn the_page_and_its_assets_need_no_token() {
+        for path in ["/", "/app.js", "/style.css", "/?token=nope"] {
+            assert_eq!(check(Method::GET, path, &[]), Ok(()), "{path}");
+        }
+        assert!(is_api("/api/vms") && is_api("/api"));
+        assert!(!is_api("/apis") && !is_api("/app.js"));
     }
 
     #[test]
-    fn the_api_needs_the_token_and_changes_need_the_header_and_our_origin() {
-        let cookie = format!("snapvm_ui_8470={TOKEN}");
-        assert!(unauthorized(&check(Method::GET, "/api/vms", &[])));
-        assert!(unauthorized(&check(
-            Method::GET,
-            "/api/vms",
-            &[(TOKEN_HEADER, "x")]
-        )));
+    fn the_api_needs_the_header_and_changes_our_origin() {
+        assert_eq!(
+            check(Method::GET, "/api/vms", &[]),
+            Err(Refusal::MissingToken)
+        );
+        assert_eq!(
+            check(Method::GET, "/api/vms", &[(TOKEN_HEADER, "x")]),
+            Err(Refusal::WrongToken)
+        );
+        assert_eq!(
+            check(Method::GET, "/api/vms", &[(TOKEN_HEADER, &TOKEN[1..])]),
+            Err(Refusal::WrongToken)
+        );
         assert_eq!(
             check(Method::GET, "/api/vms", &[(TOKEN_HEADER, TOKEN)]),
-            Verdict::Pass
+            Ok(())
         );
+        // A cookie is no token, whatever its name.
+        for cookie in [
+            format!("snapvm_ui_8470={TOKEN}"),
+            format!("x-snapvm-token={TOKEN}"),
+            format!("token={TOKEN}"),
+        ] {
+            assert_eq!(
+                check(Method::GET, "/api/vms", &[("cookie", &cookie)]),
+                Err(Refusal::MissingToken),
+                "{cookie}"
+            );
+        }
+        // Nor is the query.
         assert_eq!(
-            check(Method::GET, "/api/vms", &[("cookie", &cookie)]),
-            Verdict::Pass
+            check(Method::GET, &format!("/api/vms?token={TOKEN}"), &[]),
+            Err(Refusal::MissingToken)
         );
         let post = "/api/vms/a/start";
-        assert!(unauthorized(&check(Method::POST, post, &[])));
-        assert!(forbidden(&check(
-            Method::POST,
-            post,
-            &[("cookie", &cookie)]
-        )));
-        assert_eq!(
-            check(Method::POST, post, &[(TOKEN_HEADER, TOKEN)]),
-            Verdict::Pass
-        );
+        assert_eq!(check(Method::POST, post, &[]), Err(Refusal::MissingToken));
+        assert_eq!(check(Method::POST, post, &[(TOKEN_HEADER, TOKEN)]), Ok(()));
         assert_eq!(
             check(
                 Method::DELETE,
                 "/api/vms/a/snapshots/x",
                 &[(TOKEN_HEADER, TOKEN), ("origin", "http://127.0.0.1:8470")]
             ),
-            Verdict::Pass
+            Ok(())
         );
         for origin in ["http://evil.example", "http://127.0.0.1:8471", "null"] {
-            let v = check(
-                Method::PATCH,
-                "/api/vms/a/snapshots/x",
-                &[(TOKEN_HEADER, TOKEN), ("origin", origin)],
-            );
             assert_eq!(
-                v,
-                Verdict::Refuse(Refusal::Forbidden("cross-origin request refused".into())),
+                check(
+                    Method::PATCH,
+                    "/api/vms/a/snapshots/x",
+                    &[(TOKEN_HEADER, TOKEN), ("origin", origin)],
+                ),
+                Err(Refusal::CrossOrigin),
                 "{origin}"
             );
         }
-        // A token in the query of a POST is no login.
-        assert!(unauthorized(&check(
-            Method::POST,
-            &format!("/?token={TOKEN}"),
-            &[]
-        )));
+        assert_eq!(
+            Refusal::CrossOrigin.to_string(),
+            "cross-origin request refused"
+        );
+        assert_eq!(Refusal::CrossOrigin.status(), StatusCode::FORBIDDEN);
+        assert_eq!(Refusal::MissingToken.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(Refusal::WrongToken.status(), StatusCode::UNAUTHORIZED);
     }
 
     #[test]
@@ -340,8 +286,16 @@ mod tests {
         );
         h.insert(TOKEN_HEADER, HeaderValue::from_static(TOKEN));
         let uri: Uri = "/api/vms".parse().unwrap();
-        assert!(forbidden(&auth().check(&Method::GET, &uri, &h)));
-        let remote = Auth::new(TOKEN.into(), 8470, true);
-        assert_eq!(remote.check(&Method::GET, &uri, &h), Verdict::Pass);
+        let refused = auth().check(&Method::GET, &uri, &h);
+        assert_eq!(
+            refused,
+            Err(Refusal::ForeignHost("rebound.example:8470".into()))
+        );
+        assert_eq!(refused.unwrap_err().status(), StatusCode::FORBIDDEN);
+        // The page too: a rebinding site gets nothing from this server.
+        let page: Uri = "/".parse().unwrap();
+        assert!(auth().check(&Method::GET, &page, &h).is_err());
+        let remote = Auth::new(TOKEN.into(), true);
+        assert_eq!(remote.check(&Method::GET, &uri, &h), Ok(()));
     }
 }

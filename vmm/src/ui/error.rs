@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitStatus;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -63,12 +64,42 @@ pub enum RequestError {
     /// No VM directory of that name in DIR.
     #[error("no VM '{0}' in this directory")]
     NoSuchVm(String),
-    /// The request is malformed.
-    #[error("{0}")]
-    BadRequest(String),
+    /// The request's JSON body does not parse as the endpoint's.
+    #[error("invalid request body: {0}")]
+    InvalidBody(serde_json::Error),
+    /// The request's query string does not parse as the endpoint's.
+    #[error("invalid query: {0}")]
+    InvalidQuery(axum::extract::rejection::QueryRejection),
+    /// A rename to an empty (or blank) name.
+    #[error("a snapshot's name cannot be empty")]
+    EmptyName,
+    /// A PATCH with neither a name nor a description.
+    #[error("give a new name, a new description, or both")]
+    NothingToEdit,
+    /// An export without a path.
+    #[error("give the new VM directory to export to")]
+    NoExportPath,
+    /// A relative export path that climbs out of the directory shown.
+    #[error(
+        "the export path {} has a '..' component: give a path under the directory shown, \
+         or an absolute one",
+        .0.display()
+    )]
+    ExportPathClimbs(PathBuf),
     /// The VM is busy with an operation this server runs for it.
-    #[error("{0}")]
-    Busy(String),
+    #[error(
+        "the {kind} job {job} started from this page works on {} (it holds the VM's lock); \
+         wait until it ends",
+        .vm.display()
+    )]
+    Busy {
+        /// The job's id.
+        job: String,
+        /// What it does (merge, export).
+        kind: String,
+        /// The VM directory.
+        vm: PathBuf,
+    },
     /// A CLI operation (or the VMM's API behind it) refused or failed.
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
@@ -78,9 +109,17 @@ pub enum RequestError {
     /// The VMM's API refused or failed.
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// `snapvm ARGS` run for the page failed; its own error message.
-    #[error("{0}")]
-    Command(String),
+    /// `snapvm ARGS` run for the page failed: its own "snapvm: error: ..."
+    /// words, or how it exited when it said nothing.
+    #[error("{}", command_failure(.command, .status, .message.as_deref()))]
+    Command {
+        /// The command line, for the message.
+        command: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// Its error message.
+        message: Option<String>,
+    },
     /// `snapvm ARGS` could not be run at all.
     #[error("cannot run {exe}: {source}")]
     Spawn {
@@ -89,9 +128,16 @@ pub enum RequestError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A worker thread of the server failed.
+    /// The worker thread of the request panicked or was cancelled.
     #[error("the operation's worker failed: {0}")]
-    Worker(String),
+    Worker(tokio::task::JoinError),
+}
+
+fn command_failure(command: &str, status: &ExitStatus, message: Option<&str>) -> String {
+    match message {
+        Some(m) => m.to_string(),
+        None => format!("`{command}` exited with {status}"),
+    }
 }
 
 fn client_status(e: &ClientError) -> StatusCode {
@@ -100,6 +146,7 @@ fn client_status(e: &ClientError) -> StatusCode {
             StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
         }
         ClientError::NotRunning(_) | ClientError::Closed(_) => StatusCode::CONFLICT,
+        ClientError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
         ClientError::Io { .. } | ClientError::Malformed(_) => StatusCode::BAD_GATEWAY,
     }
 }
@@ -119,8 +166,13 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
             RequestError::NoSuchVm(_) => StatusCode::NOT_FOUND,
-            RequestError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            RequestError::Busy(_) | RequestError::Command(_) => StatusCode::CONFLICT,
+            RequestError::InvalidBody(_)
+            | RequestError::InvalidQuery(_)
+            | RequestError::EmptyName
+            | RequestError::NothingToEdit
+            | RequestError::NoExportPath
+            | RequestError::ExportPathClimbs(_) => StatusCode::BAD_REQUEST,
+            RequestError::Busy { .. } | RequestError::Command { .. } => StatusCode::CONFLICT,
             RequestError::Client(e) => client_status(e),
             RequestError::Snapshot(e) => snapshot_status(e),
             RequestError::Lifecycle(e) => match e {
@@ -168,5 +220,39 @@ mod tests {
         let e = RequestError::Snapshot(SnapshotError::Tree(TreeError::NotFound("zz".into())));
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
         assert!(e.to_string().starts_with("no snapshot matches 'zz'"), "{e}");
+    }
+
+    #[test]
+    fn each_refusal_names_what_was_wrong() {
+        use std::os::unix::process::ExitStatusExt;
+        let e = RequestError::ExportPathClimbs(PathBuf::from("../elsewhere"));
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("../elsewhere"), "{e}");
+        let e = RequestError::Busy {
+            job: "ui-1".into(),
+            kind: "merge".into(),
+            vm: PathBuf::from("/vms/a"),
+        };
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        assert!(e.to_string().starts_with("the merge job ui-1 "), "{e}");
+        let failed = |message: Option<&str>| RequestError::Command {
+            command: "snapvm start -- /vms/a".into(),
+            status: ExitStatus::from_raw(1 << 8),
+            message: message.map(str::to_string),
+        };
+        assert_eq!(
+            failed(Some("the VM is running")).to_string(),
+            "the VM is running"
+        );
+        let e = failed(None).to_string();
+        assert!(e.starts_with("`snapvm start -- /vms/a` exited with"), "{e}");
+        let e = RequestError::InvalidBody(serde_json::from_str::<u8>("x").unwrap_err());
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.to_string().starts_with("invalid request body: "), "{e}");
+        let e = RequestError::Client(ClientError::TimedOut {
+            path: PathBuf::from("/vms/a/run/api.sock"),
+            after: std::time::Duration::from_secs(2),
+        });
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
     }
 }

@@ -1,11 +1,13 @@
 //! Long operations the web view runs itself, on a thread of its own: the
 //! merges after a delete of a VM that is off (what `snapvm snapshot delete`
 //! runs in the CLI, vmm/src/cli/snapshot_cmd.rs) and exports. They are
-//! shown like the VMM's jobs (crate::api::JobInfo, ids starting "ui-"), so
-//! the page follows both the same way.
+//! shown like the VMM's jobs (`JobInfo` of vmm/src/api.rs, ids starting
+//! "ui-"), so the page follows both the same way. A job whose work panics
+//! ends as failed, and no longer keeps its VM busy.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -43,6 +45,17 @@ struct LocalJob {
 #[derive(Default)]
 pub struct LocalJobs {
     table: Mutex<Vec<LocalJob>>,
+    /// Notified when a job ends.
+    ended: Condvar,
+}
+
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 impl LocalJobs {
@@ -104,9 +117,15 @@ impl LocalJobs {
                     j.total = total;
                 })
             };
-            let r = work(&report).map_err(|e| e.to_string()).and_then(|v| {
-                serde_json::to_value(v).map_err(|e| format!("cannot encode the job's result: {e}"))
-            });
+            // Whatever `work` does, the job ends: a panic is its error (the
+            // unwinding drops what it held, the VM's lock included).
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                work(&report).map_err(|e| e.to_string()).and_then(|v| {
+                    serde_json::to_value(v)
+                        .map_err(|e| format!("cannot encode the job's result: {e}"))
+                })
+            }))
+            .unwrap_or_else(|p| Err(format!("the job failed: {}", panic_text(p.as_ref()))));
             jobs.update(&job_id, |j| {
                 j.ended_ms = Some(now_ms());
                 match r {
@@ -121,6 +140,7 @@ impl LocalJobs {
                     }
                 }
             });
+            jobs.ended.notify_all();
         });
         id
     }
@@ -135,6 +155,25 @@ impl LocalJobs {
             .filter(|j| j.vmdir == vmdir && is_recent(&j.info, now))
             .map(|j| j.info.clone())
             .collect()
+    }
+
+    /// The jobs that run, of every VM.
+    pub fn running(&self) -> Vec<JobInfo> {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|j| j.info.state == JobState::Running)
+            .map(|j| j.info.clone())
+            .collect()
+    }
+
+    /// Blocks until no job runs.
+    pub fn wait_all(&self) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        while t.iter().any(|j| j.info.state == JobState::Running) {
+            t = self.ended.wait(t).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// The running job that holds the VM's lock, if any.
@@ -190,5 +229,37 @@ mod tests {
         let mut old = j.clone();
         old.ended_ms = Some(now_ms() - RECENT.as_millis() as u64 - 1);
         assert!(!is_recent(&old, now_ms()));
+    }
+
+    #[test]
+    fn a_job_that_panics_fails_and_frees_its_vm() {
+        let jobs = LocalJobs::new();
+        let dir = Path::new("/vms/p");
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let id = jobs.spawn(dir, "merge", true, move |_| {
+            let _ = go_rx.recv();
+            if dir.is_absolute() {
+                panic!("layer table torn");
+            }
+            Ok::<_, String>(())
+        });
+        assert_eq!(jobs.running().len(), 1);
+        assert!(jobs.holding_lock(dir).is_some());
+        go_tx.send(()).unwrap();
+        jobs.wait_all();
+        let j = wait_end(&jobs, dir, &id);
+        assert_eq!(j.state, JobState::Failed);
+        assert!(j.ended_ms.is_some());
+        let e = j.error.unwrap_or_default();
+        assert!(e.contains("layer table torn"), "{e}");
+        assert!(jobs.holding_lock(dir).is_none(), "the VM is not busy");
+        assert!(jobs.running().is_empty());
+        // Formatted panics carry their text too.
+        let id = jobs.spawn(dir, "export", false, |_| -> Result<(), String> {
+            panic!("disk {} gone", 2)
+        });
+        jobs.wait_all();
+        let j = wait_end(&jobs, dir, &id);
+        assert!(j.error.unwrap_or_default().contains("disk 2 gone"));
     }
 }

@@ -9,9 +9,12 @@
 //! that are off from their directories and reaches running ones through
 //! their VMM's API with the CLI's client ([`vms`]); the buttons run the
 //! CLI's own functions ([`actions`]), long ones as jobs ([`jobs`]). Who may
-//! use it is [`auth`]'s: a session token printed at start, and a loopback
-//! address unless `--allow-remote`. The page (assets/) is plain HTML, CSS
-//! and JavaScript embedded in the binary, with no build step.
+//! use it is [`auth`]'s: a session token printed at start (in the URL's
+//! fragment, which no browser sends to a server), and a loopback address
+//! unless `--allow-remote`. The page (vmm/src/ui/assets/) is plain HTML,
+//! CSS and JavaScript embedded in the binary, with no build step. Ctrl-C
+//! stops the server once the requests under way are answered and the jobs
+//! started from the page have ended.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,8 +75,8 @@ pub fn url_addr(bound: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Serves the web view until the process is stopped (Ctrl-C). Prints
-/// `snapvm ui: open http://ADDR/?token=TOKEN` with the port actually bound.
+/// Serves the web view until Ctrl-C. Prints
+/// `snapvm ui: open http://ADDR/#token=TOKEN` with the port actually bound.
 pub fn run(opts: UiOptions, hooks: Hooks) -> Result<(), UiError> {
     check_listen(opts.listen, opts.allow_remote)?;
     let root = std::fs::canonicalize(&opts.dir)
@@ -87,7 +90,8 @@ pub fn run(opts: UiOptions, hooks: Hooks) -> Result<(), UiError> {
         .enable_all()
         .build()
         .map_err(UiError::Runtime)?;
-    rt.block_on(async move {
+    let jobs = LocalJobs::new();
+    let served = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .map_err(|source| UiError::Bind {
@@ -99,23 +103,66 @@ pub fn run(opts: UiOptions, hooks: Hooks) -> Result<(), UiError> {
             source,
         })?;
         let state = Arc::new(AppState {
-            auth: Auth::new(token.clone(), addr.port(), opts.allow_remote),
+            auth: Auth::new(token.clone(), opts.allow_remote),
             vms: Vms::new(&root),
             ctx: Context {
-                jobs: LocalJobs::new(),
+                jobs: jobs.clone(),
                 hooks: Arc::new(hooks),
                 root: root.clone(),
             },
         });
-        println!("snapvm ui: open http://{}/?token={token}", url_addr(addr));
+        println!("snapvm ui: open http://{}/#token={token}", url_addr(addr));
         eprintln!(
             "snapvm ui: showing the VMs in {} on {addr}; Ctrl-C stops the server (the VMs keep running)",
             root.display()
         );
         axum::serve(listener, server::router(state))
+            .with_graceful_shutdown(ctrl_c())
             .await
-            .map_err(|source| UiError::Serve { addr, source })
-    })
+            .map_err(|source| UiError::Serve { addr, source })?;
+        finish_jobs(&jobs).await;
+        Ok(())
+    });
+    // Handlers still waiting on a VMM are not waited for.
+    rt.shutdown_background();
+    served
+}
+
+/// Resolves at Ctrl-C (never, if it cannot be caught).
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Waits for the jobs started from the page (merges of a VM that is off,
+/// exports), saying so; a second Ctrl-C stops without waiting.
+async fn finish_jobs(jobs: &Arc<LocalJobs>) {
+    let running = jobs.running();
+    if running.is_empty() {
+        return;
+    }
+    let names: Vec<String> = running
+        .iter()
+        .map(|j| format!("{} {}", j.kind, j.id))
+        .collect();
+    eprintln!(
+        "snapvm ui: waiting for the job(s) started from the page to end: {} (Ctrl-C again stops without waiting)",
+        names.join(", ")
+    );
+    let all = jobs.clone();
+    tokio::select! {
+        _ = tokio::task::spawn_blocking(move || all.wait_all()) => {
+            eprintln!("snapvm ui: the jobs ended");
+        }
+        _ = ctrl_c() => {
+            eprintln!(
+                "snapvm ui: stopped without waiting: an interrupted merge is finished at the \
+                 VM's next start; an interrupted export leaves its destination absent (and a \
+                 .partial directory beside it)"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The web view's HTTP server (axum): the page and its assets, the JSON API
-//! the page calls, and the guard every request passes first (ui/auth.rs).
+//! the page calls, and the guard every request passes first (the rules of
+//! vmm/src/ui/auth.rs).
 //!
 //! | route | what |
 //! | --- | --- |
-//! | `GET /` | the page (`/?token=T` logs in) |
+//! | `GET /` | the page (no secret in it: the token stays in the URL's fragment) |
 //! | `GET /app.js`, `GET /style.css` | its assets |
 //! | `GET /api/vms` | `{dir, vms: [VmView]}` |
 //! | `GET /api/vms/{vm}` | `VmDetail`: status, snapshot tree, jobs, console |
@@ -19,7 +20,7 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -30,7 +31,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::actions::{self, ApplyBody, Context, Done, EditBody, ExportBody, Power, SnapshotBody};
-use super::auth::{Auth, Refusal, Verdict};
+use super::auth::Auth;
 use super::error::RequestError;
 use super::vms::{self, VmDetail, VmView, Vms};
 use crate::api::ErrorBody;
@@ -38,14 +39,6 @@ use crate::api::ErrorBody;
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
-
-/// Where the page carries the token for its requests' header.
-const TOKEN_PLACEHOLDER: &str = "__SNAPVM_TOKEN__";
-
-const UNAUTHORIZED_PAGE: &str = "<!doctype html><html><head><meta charset=\"utf-8\">\
-<title>snapvm ui</title></head><body><h1>snapvm ui: token needed</h1>\
-<p>Open the URL that <code>snapvm ui</code> printed when it started \
-(<code>http://HOST:PORT/?token=...</code>).</p></body></html>";
 
 /// What every handler shares.
 pub struct AppState {
@@ -62,7 +55,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let vm = "/api/vms/{vm}";
     let snap = "/api/vms/{vm}/snapshots/{id}";
     Router::new()
-        .route("/", get(index))
+        .route("/", get(|| async { asset("text/html", INDEX_HTML) }))
         .route(
             "/app.js",
             get(|| async { asset("text/javascript", APP_JS) }),
@@ -107,25 +100,9 @@ fn json_error(status: StatusCode, message: String) -> Response {
 }
 
 async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let verdict = s.auth.check(req.method(), req.uri(), req.headers());
-    let api = req.uri().path().starts_with("/api/");
-    let mut resp = match verdict {
-        Verdict::Pass => next.run(req).await,
-        Verdict::Login => {
-            let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
-            if let Ok(v) = HeaderValue::from_str(&s.auth.set_cookie()) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            r
-        }
-        Verdict::Refuse(Refusal::Forbidden(m)) => json_error(StatusCode::FORBIDDEN, m),
-        Verdict::Refuse(Refusal::Unauthorized(m)) if api => json_error(StatusCode::UNAUTHORIZED, m),
-        Verdict::Refuse(Refusal::Unauthorized(_)) => (
-            StatusCode::UNAUTHORIZED,
-            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-            UNAUTHORIZED_PAGE,
-        )
-            .into_response(),
+    let mut resp = match s.auth.check(req.method(), req.uri(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => json_error(refusal.status(), refusal.to_string()),
     };
     harden(&mut resp);
     resp
@@ -134,15 +111,6 @@ async fn guard(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Resp
 fn asset(content_type: &'static str, text: &'static str) -> Response {
     let ct = format!("{content_type}; charset=utf-8");
     ([(header::CONTENT_TYPE, ct)], text).into_response()
-}
-
-async fn index(State(s): State<Arc<AppState>>) -> Response {
-    let page = INDEX_HTML.replace(TOKEN_PLACEHOLDER, s.auth.token());
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        Body::from(page),
-    )
-        .into_response()
 }
 
 async fn not_found(uri: Uri) -> Response {
@@ -161,7 +129,7 @@ where
 {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| RequestError::Worker(e.to_string()))?
+        .map_err(RequestError::Worker)?
 }
 
 /// A JSON body as `T`; an empty body is `T::default()` when `optional`.
@@ -169,8 +137,7 @@ fn body<T: DeserializeOwned + Default>(bytes: &[u8], optional: bool) -> Result<T
     if optional && bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| RequestError::BadRequest(format!("invalid request body: {e}")))
+    serde_json::from_slice(bytes).map_err(RequestError::InvalidBody)
 }
 
 #[derive(Serialize)]
@@ -181,12 +148,7 @@ struct VmList {
 
 async fn list_vms(State(s): State<Arc<AppState>>) -> Result<Json<VmList>, RequestError> {
     blocking(move || {
-        let vms = s
-            .vms
-            .list()
-            .iter()
-            .map(|(k, d)| vms::view(k, d, &s.ctx.jobs))
-            .collect();
+        let vms = vms::views(&s.vms.list(), &s.ctx.jobs);
         Ok(Json(VmList {
             dir: s.vms.root().to_path_buf(),
             vms,
@@ -281,8 +243,7 @@ async fn delete(
     Path((vm, id)): Path<(String, String)>,
     uri: Uri,
 ) -> Result<Json<Done>, RequestError> {
-    let Query(q) = Query::<DeleteQuery>::try_from_uri(&uri)
-        .map_err(|e| RequestError::BadRequest(format!("invalid query: {e}")))?;
+    let Query(q) = Query::<DeleteQuery>::try_from_uri(&uri).map_err(RequestError::InvalidQuery)?;
     blocking(move || {
         let dir = s.vms.find(&vm)?;
         actions::delete(&s.ctx, &dir, &id, q.subtree).map(Json)
@@ -316,6 +277,7 @@ mod tests {
     use crate::hooks::Hooks;
     use crate::ui::auth::TOKEN_HEADER;
     use crate::ui::jobs::LocalJobs;
+    use axum::body::Body;
     use axum::http::Method;
     use tower::ServiceExt;
 
@@ -323,7 +285,7 @@ mod tests {
 
     fn app(root: &std::path::Path) -> Router {
         router(Arc::new(AppState {
-            auth: Auth::new(TOKEN.into(), 8470, false),
+            auth: Auth::new(TOKEN.into(), false),
             vms: Vms::new(root),
             ctx: Context {
                 jobs: LocalJobs::new(),
@@ -367,31 +329,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn login_sets_the_cookie_and_the_page_carries_the_token() {
-        let root = scratch("login");
-        let (st, h, _) = send(app(&root), Method::GET, &format!("/?token={TOKEN}"), &[]).await;
-        assert_eq!(st, StatusCode::SEE_OTHER);
-        assert_eq!(h[header::LOCATION], "/");
-        let cookie = h[header::SET_COOKIE].to_str().unwrap().to_string();
-        assert!(
-            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
-            "{cookie}"
-        );
-        let pair = cookie.split(';').next().unwrap().to_string();
-        let (st, h, page) = send(app(&root), Method::GET, "/", &[("cookie", &pair)]).await;
+    async fn the_page_is_served_to_anyone_and_holds_no_token() {
+        let root = scratch("page");
+        let (st, h, page) = send(app(&root), Method::GET, "/", &[]).await;
         assert_eq!(st, StatusCode::OK);
-        assert!(page.contains(TOKEN), "the page's requests send it");
+        assert!(page.contains("<script src=\"/app.js\""), "{page}");
+        assert!(h[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
         assert!(h[header::CONTENT_SECURITY_POLICY]
             .to_str()
             .unwrap()
             .contains("frame-ancestors"));
-        let (st, _, page) = send(app(&root), Method::GET, "/", &[]).await;
-        assert_eq!(st, StatusCode::UNAUTHORIZED);
-        assert!(page.contains("printed when it started"));
-        assert!(!page.contains(TOKEN));
-        let (st, _, js) = send(app(&root), Method::GET, "/app.js", &[("cookie", &pair)]).await;
-        assert_eq!(st, StatusCode::OK);
-        assert!(js.contains("X-Snapvm-Token"));
+        assert!(h.get(header::SET_COOKIE).is_none());
+        // Whatever the request carries, nothing served holds the token.
+        for (path, hdrs) in [
+            ("/", vec![]),
+            ("/", vec![(TOKEN_HEADER, TOKEN)]),
+            ("/?token=x", vec![]),
+            ("/app.js", vec![(TOKEN_HEADER, TOKEN)]),
+            ("/style.css", vec![]),
+        ] {
+            let (st, h, text) = send(app(&root), Method::GET, path, &hdrs).await;
+            assert_eq!(st, StatusCode::OK, "{path}");
+            assert!(!text.contains(TOKEN), "{path} holds the token");
+            assert!(h.get(header::SET_COOKIE).is_none(), "{path}");
+        }
+        let (_, _, js) = send(app(&root), Method::GET, "/app.js", &[]).await;
+        assert!(js.contains("X-Snapvm-Token") && js.contains("sessionStorage"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -414,9 +380,20 @@ mod tests {
         let post = "/api/vms/none/start";
         let (st, _, _) = send(app(&root), Method::POST, post, &[]).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
+        // A cookie holding the token is no token (for GET neither).
         let cookie = format!("snapvm_ui_8470={TOKEN}");
         let (st, _, _) = send(app(&root), Method::POST, post, &[("cookie", &cookie)]).await;
-        assert_eq!(st, StatusCode::FORBIDDEN);
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        let (st, _, _) = send(app(&root), Method::GET, "/api/vms", &[("cookie", &cookie)]).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        let (st, _, _) = send(
+            app(&root),
+            Method::GET,
+            "/api/vms",
+            &[(TOKEN_HEADER, &TOKEN[..63])],
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
         let foreign = [(TOKEN_HEADER, TOKEN), ("origin", "http://evil.example")];
         let (st, _, text) = send(app(&root), Method::POST, post, &foreign).await;
         assert_eq!(st, StatusCode::FORBIDDEN);

@@ -4,10 +4,13 @@
 //! `snapvm status` does in vmm/src/cli/lifecycle.rs), its snapshot tree
 //! with each snapshot's details (`snapvm snapshot show`), its jobs and the
 //! tail of its serial console. Everything here blocks: the server calls it
-//! on tokio's blocking threads.
+//! on tokio's blocking threads. The page polls, so a VMM is asked with a
+//! short timeout and no retries: one that does not answer in time is shown
+//! as "not-answering" instead of holding up the others.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Serialize;
 use snapshot::tree::{SnapshotMeta, Tree};
@@ -15,7 +18,7 @@ use snapshot::tree::{SnapshotMeta, Tree};
 use super::error::RequestError;
 use super::jobs::{is_recent, now_ms, LocalJobs};
 use crate::api::{JobInfo, LastExit, VmState, VmStatus};
-use crate::cli::api_client::{self, Client, ClientError};
+use crate::cli::api_client::{Client, ClientError};
 use crate::daemon::hardware::Hardware;
 use crate::daemon::lock::is_running;
 use crate::daemon::snapshots::manage::{self, SizeOnDisk};
@@ -24,6 +27,18 @@ use crate::vmdir::{VmDir, VmToml};
 
 /// How much of the end of logs/serial.log the page gets.
 const CONSOLE_TAIL: u64 = 16 << 10;
+
+/// How long a VMM may take to answer the page's polls (its status, its
+/// jobs).
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The state of a VM whose VMM does not answer within [`POLL_TIMEOUT`].
+pub const NOT_ANSWERING: &str = "not-answering";
+
+/// A client for the page's polls of the VMM in `dir`.
+fn poll_client(dir: &VmDir) -> Client {
+    Client::with_timeout(&dir.api_socket(), POLL_TIMEOUT)
+}
 
 /// The VMs of a directory.
 #[derive(Debug, Clone)]
@@ -41,8 +56,9 @@ pub struct VmView {
     /// The VM directory.
     pub dir: PathBuf,
     /// running, paused, stopping, stopped, changing (its VMM holds the
-    /// lock but does not answer: it is starting or stopping) or invalid
-    /// (vm.toml does not read).
+    /// lock but does not take requests: it is starting or stopping),
+    /// not-answering (its VMM takes requests but does not answer within
+    /// [`POLL_TIMEOUT`]) or invalid (vm.toml does not read).
     pub state: &'static str,
     /// The status document (the API's GET /vm), when vm.toml reads.
     pub status: Option<VmStatus>,
@@ -190,13 +206,19 @@ pub fn view(key: &str, dir: &VmDir, jobs: &LocalJobs) -> VmView {
     };
     // While a job of this server holds the lock, the VM is off (no VMM).
     if busy.is_none() && is_running(dir) {
-        match Client::new(&dir.api_socket()).status() {
+        match poll_client(dir).status() {
             Ok(s) => {
                 v.state = s.state.as_str();
                 v.status = Some(s);
                 return v;
             }
             Err(ClientError::NotRunning(_) | ClientError::Closed(_)) => v.state = "changing",
+            Err(e @ ClientError::TimedOut { .. }) => {
+                v.state = NOT_ANSWERING;
+                v.error = Some(format!(
+                    "{e}: it may be hung; what is shown is read from its directory"
+                ));
+            }
             Err(e) => {
                 v.state = "changing";
                 v.error = Some(e.to_string());
@@ -254,12 +276,36 @@ fn snapshot_view(dir: &VmDir, meta: &SnapshotMeta) -> SnapshotView {
     }
 }
 
+/// The views of `vms`, each asked on a thread of its own, so that VMMs
+/// that do not answer cost [`POLL_TIMEOUT`] once, not once each.
+pub fn views(vms: &[(String, VmDir)], jobs: &LocalJobs) -> Vec<VmView> {
+    std::thread::scope(|s| {
+        let asked: Vec<_> = vms
+            .iter()
+            .map(|(k, d)| (k, d, s.spawn(move || view(k, d, jobs))))
+            .collect();
+        asked
+            .into_iter()
+            .map(|(k, d, h)| {
+                h.join().unwrap_or_else(|_| VmView {
+                    key: k.clone(),
+                    name: k.clone(),
+                    dir: d.root().to_path_buf(),
+                    state: "invalid",
+                    status: None,
+                    error: Some("reading its status failed (see the server's output)".into()),
+                    busy: None,
+                })
+            })
+            .collect()
+    })
+}
+
 /// The VMM's jobs (GET /jobs) that run or ended recently.
 fn vmm_jobs(dir: &VmDir) -> Vec<JobInfo> {
     let now = now_ms();
-    api_client::request(&dir.api_socket(), "GET", "/jobs", None)
-        .ok()
-        .and_then(|v| serde_json::from_value::<Vec<JobInfo>>(v).ok())
+    poll_client(dir)
+        .jobs()
         .unwrap_or_default()
         .into_iter()
         .filter(|j| is_recent(j, now))

@@ -4,7 +4,35 @@
 // with textContent, never parsed as HTML.
 'use strict';
 
-const TOKEN = document.querySelector('meta[name="snapvm-token"]').content;
+// The session token. `snapvm ui` prints http://HOST:PORT/#token=T: a URL's
+// fragment never reaches a server. It is kept in sessionStorage (this tab,
+// this origin: host and port), taken out of the address bar, and sent in
+// the X-Snapvm-Token header of every API request (the rules are in
+// vmm/src/ui/auth.rs). Nothing the server sends holds it.
+const TOKEN_KEY = 'snapvm-ui-token';
+
+function takeToken() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const given = params.get('token');
+  if (given) {
+    try {
+      sessionStorage.setItem(TOKEN_KEY, given);
+    } catch (_) {
+      // No storage: the token serves this load only.
+    }
+    params.delete('token');
+    const rest = params.toString();
+    history.replaceState(null, '', location.pathname + location.search + (rest ? '#' + rest : ''));
+    return given;
+  }
+  try {
+    return sessionStorage.getItem(TOKEN_KEY);
+  } catch (_) {
+    return null;
+  }
+}
+
+const TOKEN = takeToken();
 const SVG_NS = 'http://www.w3.org/2000/svg';
 const POLL_MS = 1000;
 
@@ -18,6 +46,7 @@ const ui = {
   pending: null, // the action whose request is under way
   watched: new Map(), // job id -> {vm, label}
   listSig: '',
+  locked: false, // no token, or a wrong one: nothing is asked any more
   treeSig: '',
   mergesSig: '',
 };
@@ -25,7 +54,7 @@ const ui = {
 // ---- talking to the server -------------------------------------------
 
 async function api(method, path, body) {
-  const opts = { method, headers: { 'X-Snapvm-Token': TOKEN }, credentials: 'same-origin' };
+  const opts = { method, headers: { 'X-Snapvm-Token': TOKEN || '' }, credentials: 'omit' };
   if (body !== undefined) {
     opts.headers['Content-Type'] = 'application/json';
     opts.body = JSON.stringify(body);
@@ -43,10 +72,21 @@ async function api(method, path, body) {
   } catch (_) {
     data = null;
   }
+  if (resp.status === 401) needToken(data && data.error);
   if (!resp.ok) {
     throw new Error(data && typeof data.error === 'string' ? data.error : 'HTTP ' + resp.status + ' ' + text);
   }
   return data;
+}
+
+// Without the token (or with a wrong one) the page says how to get it and
+// stops asking.
+function needToken(why) {
+  ui.locked = true;
+  clearTimeout(timer);
+  $('need-token-why').textContent = why || '';
+  $('need-token').hidden = false;
+  $('main').hidden = true;
 }
 
 const vmPath = (key) => '/api/vms/' + encodeURIComponent(key);
@@ -78,6 +118,9 @@ function duration(s) {
 }
 
 const when = (ms) => new Date(ms).toLocaleString();
+const STATE_WORDS = { 'not-answering': 'not answering' };
+const stateText = (state) => STATE_WORDS[state] || state;
+const count = (n, one, many) => n + ' ' + (n === 1 ? one : many);
 const pauseText = (us) => (us === null || us === undefined ? null : 'pause ' + (us / 1000).toFixed(2) + ' ms');
 const quoted = (s) => '"' + s.name + '"';
 
@@ -334,6 +377,7 @@ let polling = false;
 let again = false;
 
 function refresh() {
+  if (ui.locked) return;
   if (polling) {
     again = true;
     return;
@@ -345,7 +389,7 @@ function refresh() {
     if (again) {
       again = false;
       refresh();
-    } else {
+    } else if (!ui.locked) {
       timer = setTimeout(refresh, POLL_MS);
     }
   });
@@ -358,9 +402,9 @@ async function poll() {
     $('root-dir').textContent = list.dir;
     ui.vms = list.vms;
     if (ui.selected && !ui.vms.some((v) => v.key === ui.selected)) select(null);
-    if (!ui.selected && location.hash.startsWith('#vm=')) {
-      const key = decodeURIComponent(location.hash.slice(4));
-      if (ui.vms.some((v) => v.key === key)) ui.selected = key;
+    if (!ui.selected) {
+      const key = new URLSearchParams(location.hash.slice(1)).get('vm');
+      if (key && ui.vms.some((v) => v.key === key)) ui.selected = key;
     }
     renderList();
     if (ui.selected) {
@@ -373,7 +417,7 @@ async function poll() {
     }
     renderDetail();
   } catch (e) {
-    conn(e.message);
+    if (!ui.locked) conn(e.message);
   }
 }
 
@@ -435,30 +479,64 @@ function select(key) {
     ui.snap = null;
     ui.treeSig = '';
     ui.mergesSig = '';
-    history.replaceState(null, '', key ? '#vm=' + encodeURIComponent(key) : '#');
+    const here = location.pathname + location.search;
+    history.replaceState(null, '', key ? here + '#' + new URLSearchParams({ vm: key }) : here);
   }
   renderList();
   renderDetail();
   refresh();
 }
 
+// What the list shows of a VM besides its name and state, as
+// [class, text] pairs.
+function vmFacts(v) {
+  const st = v.status;
+  if (!st) return v.error ? [['vm-problem', clip(v.error, 90)]] : [];
+  const facts = [];
+  if (st.uptime_s !== null && st.uptime_s !== undefined) facts.push(['vm-uptime', 'up ' + duration(st.uptime_s)]);
+  facts.push(
+    ['vm-memory', bytes(st.memory_bytes)],
+    ['vm-vcpus', count(st.vcpus, 'vCPU', 'vCPUs')],
+    ['vm-disks', count(st.disks.length, 'disk', 'disks')],
+    ['vm-nets', count(st.nets.length, 'adapter', 'adapters')],
+  );
+  return facts;
+}
+
 function renderList() {
-  const sig = JSON.stringify([ui.selected, ui.vms.map((v) => [v.key, v.name, v.state])]);
+  const sig = JSON.stringify([ui.selected, ui.vms.map((v) => [v.key, v.name, v.state, v.dir])]);
   $('no-vms').hidden = ui.vms.length > 0;
-  if (sig === ui.listSig) return;
-  ui.listSig = sig;
-  $('vms').replaceChildren(...ui.vms.map((v) => {
-    const li = el('li', {
-      class: 'vm' + (v.key === ui.selected ? ' selected' : ''),
-      'data-name': v.name,
-      'data-key': v.key,
-      'data-state': v.state,
-      title: v.dir,
-    });
-    li.append(el('span', { class: 'vm-name' }, v.name), el('span', { class: 'badge ' + v.state }, v.state));
-    li.addEventListener('click', () => select(v.key));
-    return li;
-  }));
+  if (sig !== ui.listSig) {
+    ui.listSig = sig;
+    $('vms').replaceChildren(...ui.vms.map((v) => {
+      const li = el('li', {
+        class: 'vm' + (v.key === ui.selected ? ' selected' : ''),
+        'data-name': v.name,
+        'data-key': v.key,
+        'data-state': v.state,
+        title: v.dir,
+      });
+      li.append(
+        el('span', { class: 'vm-name' }, v.name),
+        el('span', { class: 'badge ' + v.state }, stateText(v.state)),
+        el('div', { class: 'vm-facts' }),
+      );
+      li.addEventListener('click', () => select(v.key));
+      return li;
+    }));
+  }
+  // The facts change every second (the uptime): they are updated in place,
+  // so that the items stay (and a click on one lands).
+  const items = $('vms').children;
+  ui.vms.forEach((v, i) => {
+    const box = items[i] ? items[i].querySelector('.vm-facts') : null;
+    if (!box) return;
+    const facts = vmFacts(v);
+    const factsSig = JSON.stringify(facts);
+    if (box.dataset.sig === factsSig) return;
+    box.dataset.sig = factsSig;
+    box.replaceChildren(...facts.map(([cls, text]) => el('span', { class: cls }, text)));
+  });
 }
 
 function renderDetail() {
@@ -469,7 +547,7 @@ function renderDetail() {
   const vm = d.vm;
   const st = vm.status;
   $('vm-name').textContent = vm.name;
-  $('vm-state').textContent = vm.state;
+  $('vm-state').textContent = stateText(vm.state);
   $('vm-state').className = 'badge ' + vm.state;
   $('vm-busy').textContent = ui.pending ? ui.pending + '…' : vm.busy || '';
   // Shown in two columns, row by row.
@@ -655,7 +733,7 @@ function nowNode(d, x, y) {
   });
   g.append(svg('rect', { class: 'box', width: BOX_W * 0.6, height: BOX_H, rx: 6 }));
   g.append(svg('circle', { class: d.vm.state, cx: 14, cy: 21, r: 5 }));
-  g.append(svg('text', { class: 'title', x: 26, y: 25 }, 'Now · ' + d.vm.state));
+  g.append(svg('text', { class: 'title', x: 26, y: 25 }, 'Now · ' + stateText(d.vm.state)));
   return g;
 }
 
@@ -712,5 +790,9 @@ document.addEventListener('DOMContentLoaded', () => {
   $('btn-delete').addEventListener('click', () => deleteSnapshot(false));
   $('btn-delete-subtree').addEventListener('click', () => deleteSnapshot(true));
   $('error-close').addEventListener('click', () => showError(''));
+  if (!TOKEN) {
+    needToken('');
+    return;
+  }
   refresh();
 });
