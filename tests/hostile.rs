@@ -51,15 +51,20 @@ fn ride_out(vm: &TestVm, seconds: u64, context: &str) -> Vec<String> {
         if st["state"] == "stopped" {
             break;
         }
-        assert_eq!(st["state"], "running", "{context}: {st}");
+        // "stopping": the guest has exited and the VMM is closing down.
+        assert!(
+            st["state"] == "running" || st["state"] == "stopping",
+            "{context}: {st}"
+        );
         if Instant::now() >= next_snap {
             let r = vm.cli2(&["snapshot", "create"], &["--name", "under-attack"]);
-            // The guest may end between the status and the snapshot.
-            if r.code() == 0 {
+            // The guest may end between the status and the snapshot: then
+            // the snapshot fails or is of a VM that is off (not kept).
+            if r.code() == 0 && !r.stdout.contains("VM off") {
                 snaps.push(r.stdout.split_whitespace().nth(1).unwrap().to_string());
-            } else {
+            } else if r.code() != 0 {
                 assert!(
-                    api_answers(vm, context)["state"] == "stopped",
+                    api_answers(vm, context)["state"] != "running",
                     "{context}: a live snapshot of a running hostile guest failed: {r:?}\nvmm.log:\n{}",
                     vm.vmm_log_tail(30)
                 );

@@ -6,11 +6,12 @@
 //! (SNAPVM_TEST_SEED replays it).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use snapvm_tests::vmfiles::{exactly_what_is_named, kill_vmm_during, merges_done, seed, Rng};
-use snapvm_tests::{snapvm_bin, TestVm};
+use snapvm_tests::vmfiles::{
+    exactly_what_is_named, kill_cli_after, kill_vmm_during, merges_done, seed, Rng,
+};
+use snapvm_tests::TestVm;
 
 const T: Duration = Duration::from_secs(120);
 const GUEST: &str = "workload=memstamp disk=1 blocks=256 mem_mib=16 passes=0 rate=50";
@@ -59,16 +60,7 @@ fn kill_9_at_any_instant_leaves_only_what_is_named() {
     let dest = vm.root.join("exported");
     let args = ["snapshot", "export", &d, &base, dest.to_str().unwrap()];
     let delay = Duration::from_millis(rng.below(300));
-    let mut cli = Command::new(snapvm_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(delay);
-    let _ = cli.kill();
-    let _ = cli.wait();
+    kill_cli_after(&args, delay);
     let _ = std::fs::remove_dir_all(&dest);
     let r = snapvm_tests::snapvm(&args);
     assert_eq!(
@@ -97,16 +89,7 @@ fn kill_9_at_any_instant_leaves_only_what_is_named() {
         ]
     };
     let delay = Duration::from_millis(rng.below(300));
-    let mut cli = Command::new(snapvm_bin())
-        .args(clone_args("3"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(delay);
-    let _ = cli.kill();
-    let _ = cli.wait();
+    kill_cli_after(&clone_args("3"), delay);
     let ctx = format!("clone killed after {delay:?}, seed {seed}");
     exactly_what_is_named(&vm, &ctx);
     for i in 1..=3 {

@@ -190,16 +190,29 @@ pub fn merges_done(vm: &TestVm) {
     }
 }
 
-/// Runs `snapvm ARGS` and kills the VMM (-9) after `delay`.
-pub fn kill_vmm_during(vm: &TestVm, args: &[&str], delay: Duration) {
-    let pid = vm.status()["pid"].as_i64().unwrap() as i32;
-    let mut cli = Command::new(snapvm_bin())
+/// Starts `snapvm ARGS` in the background, quiet.
+fn spawn_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Child {
+    Command::new(snapvm_bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `snapvm ARGS` and kills that CLI process (-9) after `delay`.
+pub fn kill_cli_after<S: AsRef<std::ffi::OsStr>>(args: &[S], delay: Duration) {
+    let mut cli = spawn_cli(args);
+    std::thread::sleep(delay);
+    let _ = cli.kill();
+    let _ = cli.wait();
+}
+
+/// Runs `snapvm ARGS` and kills the VMM (-9) after `delay`.
+pub fn kill_vmm_during(vm: &TestVm, args: &[&str], delay: Duration) {
+    let pid = vm.status()["pid"].as_i64().unwrap() as i32;
+    let mut cli = spawn_cli(args);
     std::thread::sleep(delay);
     // SAFETY: kill(2) on the VMM's pid, a process this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };

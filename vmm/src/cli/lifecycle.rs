@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use snapshot::tree::{PowerState, Tree};
 
 use super::api_client::{Client, ClientError};
-use crate::api::{LastExit, TargetState, VmState, VmStatus};
+use crate::api::{TargetState, VmState, VmStatus};
 use crate::daemon::lock::is_running;
 use crate::daemon::snapshots::restore;
 use crate::daemon::snapshots::SnapshotError;
@@ -301,23 +301,7 @@ pub fn status(root: &Path) -> Result<VmStatus, LifecycleError> {
             Err(e) => return Err(e.into()),
         }
     }
-    let last_exit: Option<LastExit> = std::fs::read_to_string(dir.last_exit_file())
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok());
-    Ok(VmStatus {
-        name: toml.name.clone(),
-        vmdir: dir.root().to_path_buf(),
-        state: VmState::Stopped,
-        pid: None,
-        uptime_s: None,
-        memory_bytes: crate::config::parse_size(&toml.memory).unwrap_or(0),
-        vcpus: toml.vcpus,
-        disks: status::disks(&dir, &toml),
-        nets: status::nets(&toml),
-        merges: status::merges(&dir, None),
-        memory_load: None,
-        last_exit,
-    })
+    Ok(status::offline(&dir, &toml))
 }
 
 /// One line of `snapvm list`.

@@ -4,7 +4,7 @@
 
 use snapshot::tree::Tree;
 
-use crate::api::{DiskStatus, JobInfo, MergeStatus, NetStatus};
+use crate::api::{DiskStatus, JobInfo, LastExit, MergeStatus, NetStatus, VmState, VmStatus};
 use crate::vmdir::{VmDir, VmToml};
 
 /// The layers of every disk, top first.
@@ -47,5 +47,27 @@ pub fn merges(dir: &VmDir, job: Option<JobInfo>) -> MergeStatus {
         job,
         in_progress: tree.merge,
         waiting: tree.retired,
+    }
+}
+
+/// The whole status document of a VM that is off, read from its directory
+/// (what `snapvm status` and the web view show for it).
+pub fn offline(dir: &VmDir, toml: &VmToml) -> VmStatus {
+    let last_exit: Option<LastExit> = std::fs::read_to_string(dir.last_exit_file())
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok());
+    VmStatus {
+        name: toml.name.clone(),
+        vmdir: dir.root().to_path_buf(),
+        state: VmState::Stopped,
+        pid: None,
+        uptime_s: None,
+        memory_bytes: crate::config::parse_size(&toml.memory).unwrap_or(0),
+        vcpus: toml.vcpus,
+        disks: disks(dir, toml),
+        nets: nets(toml),
+        merges: merges(dir, None),
+        memory_load: None,
+        last_exit,
     }
 }

@@ -17,13 +17,13 @@ use snapshot::tree::{SnapshotMeta, Tree};
 
 use super::error::RequestError;
 use super::jobs::{is_recent, now_ms, LocalJobs};
-use crate::api::{JobInfo, LastExit, VmState, VmStatus};
+use crate::api::{JobInfo, VmState, VmStatus};
 use crate::cli::api_client::{Client, ClientError};
 use crate::daemon::hardware::Hardware;
 use crate::daemon::lock::is_running;
 use crate::daemon::snapshots::manage::{self, SizeOnDisk};
 use crate::daemon::status;
-use crate::vmdir::{VmDir, VmToml};
+use crate::vmdir::VmDir;
 
 /// How much of the end of logs/serial.log the page gets.
 const CONSOLE_TAIL: u64 = 16 << 10;
@@ -153,28 +153,6 @@ impl Vms {
     }
 }
 
-/// The status of a VM that is off, read from its directory (what
-/// `snapvm status` shows for it).
-pub fn offline_status(dir: &VmDir, toml: &VmToml) -> VmStatus {
-    let last_exit: Option<LastExit> = std::fs::read_to_string(dir.last_exit_file())
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok());
-    VmStatus {
-        name: toml.name.clone(),
-        vmdir: dir.root().to_path_buf(),
-        state: VmState::Stopped,
-        pid: None,
-        uptime_s: None,
-        memory_bytes: crate::config::parse_size(&toml.memory).unwrap_or(0),
-        vcpus: toml.vcpus,
-        disks: status::disks(dir, toml),
-        nets: status::nets(toml),
-        merges: status::merges(dir, None),
-        memory_load: None,
-        last_exit,
-    }
-}
-
 /// The VM's view: asks its VMM when it runs (once, without waiting: the
 /// page asks again in a second).
 pub fn view(key: &str, dir: &VmDir, jobs: &LocalJobs) -> VmView {
@@ -225,7 +203,7 @@ pub fn view(key: &str, dir: &VmDir, jobs: &LocalJobs) -> VmView {
             }
         }
     }
-    v.status = Some(offline_status(dir, &toml));
+    v.status = Some(status::offline(dir, &toml));
     v
 }
 
