@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::BenchError;
@@ -54,6 +54,16 @@ impl Engine {
                 c
             }
         }
+    }
+}
+
+/// A QEMU (or other) child process, killed and reaped when dropped.
+pub(super) struct KillOnDrop(pub(super) Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

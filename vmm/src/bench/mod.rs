@@ -17,6 +17,7 @@ mod disk;
 mod engine;
 mod merge;
 mod net;
+mod qemu_snapshot;
 mod snapshot;
 
 pub use self::apply::{apply, ApplyBench};

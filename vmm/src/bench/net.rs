@@ -11,7 +11,7 @@
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -342,15 +342,6 @@ fn wait_line(log: &std::path::Path, prefix: &str, what: &str) -> Result<(), Benc
     }
 }
 
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// QEMU on the same guest, its virtio-net (in QEMU's own process, no
 /// vhost) on tap qtap0.
 fn qemu(b: &NetBench, root: &std::path::Path) -> Result<Figures, BenchError> {
@@ -390,7 +381,7 @@ fn qemu(b: &NetBench, root: &std::path::Path) -> Result<Figures, BenchError> {
             what: "qemu-system-x86_64".into(),
             source,
         })?;
-    let _guard = Qemu(child);
+    let _guard = engine::KillOnDrop(child);
     wait_line(&log, "TESTGUEST NET up", "qemu")?;
     measure(QEMU_GUEST, b)
 }

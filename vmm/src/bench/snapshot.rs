@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::qemu_snapshot::{self, QemuFigures};
 use super::*;
 
 /// Parameters of `snapvm bench snapshot`.
@@ -123,12 +124,16 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
         let _ = crate::cli::lifecycle::stop(&vmdir, true);
         let _ = std::fs::remove_dir_all(&root);
         let (mut before, mut during, live, stop_copy, dd) = result?;
+        // QEMU after snapvm's VM is gone: one VM at a time, same directory.
+        let qemu = qemu_snapshot::measure(&b.kernel, &root, mib, b.count);
+        let _ = std::fs::remove_dir_all(&root);
 
         let mut pauses: Vec<f64> = live.iter().map(|s| s.pause_us / 1000.0).collect();
         let (p_med, p_max) = stats(&mut pauses);
         let mut sc: Vec<f64> = stop_copy.iter().map(|s| s.pause_us / 1000.0).collect();
         let (sc_med, sc_max) = stats(&mut sc);
         let mut totals: Vec<f64> = live.iter().map(|s| s.total_ms).collect();
+        let total_med = median(&mut totals);
         let mut rates: Vec<f64> = live
             .iter()
             .filter(|s| s.stream_us > 0.0)
@@ -142,81 +147,147 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             live.iter().map(|s| s.bytes).sum::<f64>() / live.len() as f64 / (1 << 20) as f64;
         let g_before = median(&mut before);
         let g_during = median(&mut during);
-        println!();
-        println!("guest memory {mib} MiB (+32), memstamp over {area} MiB");
-        println!("  {:<44} {:>12} {:>12}", "", "live", "stop-and-copy");
-        println!(
-            "  {:<44} {:>12.3} {:>12.1}",
-            "pause, median (ms)", p_med, sc_med
-        );
-        println!(
-            "  {:<44} {:>12.3} {:>12.1}",
-            "pause, max (ms)", p_max, sc_max
-        );
-        println!(
-            "  {:<44} {:>12.4}",
-            "pause ratio live / stop-and-copy (median)",
-            p_med / sc_med
-        );
-        println!(
-            "  {:<44} {:>12.0}",
-            "snapshot total time, median (ms)",
-            median(&mut totals)
-        );
-        println!(
-            "  {:<44} {:>12.0}",
-            "memory written per snapshot (MiB)", mib_written
-        );
         let mut e2e: Vec<f64> = live
             .iter()
             .map(|s| s.bytes / (1 << 20) as f64 / (s.total_ms / 1e3))
             .collect();
         let (stream, whole) = (median(&mut rates), median(&mut e2e));
+
+        // Cells: snapvm live, stop-and-copy, QEMU ("n/a" when it could not run).
+        let q = qemu.as_ref().ok();
+        let row = |name: &str,
+                   prec: usize,
+                   live: Option<f64>,
+                   sc: Option<f64>,
+                   qf: Option<fn(&QemuFigures) -> f64>| {
+            let cell = |v: Option<f64>| v.map(|x| format!("{x:.prec$}")).unwrap_or_default();
+            let qc = match (qf, q) {
+                (None, _) => String::new(),
+                (Some(f), Some(q)) => cell(Some(f(q))),
+                (Some(_), None) => "n/a".into(),
+            };
+            let line = format!("  {name:<46} {:>12} {:>14} {qc:>17}", cell(live), cell(sc));
+            println!("{}", line.trim_end());
+        };
+        let ours = |name: &str, prec: usize, v: f64| row(name, prec, Some(v), None, None);
+        // snapvm / QEMU, or n/a (QEMU's pause is whole ms and may be 0).
+        let ratio = |name: &str, snapvm: f64, f: fn(&QemuFigures) -> f64| {
+            let r = match q.map(f) {
+                Some(x) if x > 0.0 => format!("{:.3}", snapvm / x),
+                _ => "n/a".into(),
+            };
+            println!("  {name:<46} {r:>12}");
+        };
+        println!();
+        println!("guest memory {mib} MiB (+32), memstamp over {area} MiB");
         println!(
-            "  {:<44} {:>12.0}",
-            "streaming to memory.bin, median (MiB/s)", stream
+            "  {:<46} {:>12} {:>14} {:>17}",
+            "", "live", "stop-and-copy", "QEMU bg-snapshot"
         );
-        println!(
-            "  {:<44} {:>12.0}",
-            "end to end incl. checksums+fsync (MiB/s)", whole
+        row(
+            "pause, median (ms)",
+            3,
+            Some(p_med),
+            Some(sc_med),
+            Some(|q| q.pause_med),
         );
-        println!(
-            "  {:<44} {:>12.0}",
-            "dd to the same file system (MiB/s)", dd
+        row(
+            "pause, max (ms)",
+            3,
+            Some(p_max),
+            Some(sc_max),
+            Some(|q| q.pause_max),
         );
-        println!("  {:<44} {:>12.2}", "end to end / dd", whole / dd);
-        println!(
-            "  {:<44} {:>12.0}",
-            "write faults served per snapshot (mean)", faults
+        ours(
+            "pause ratio live / stop-and-copy (median)",
+            4,
+            p_med / sc_med,
         );
-        println!(
-            "  {:<44} {:>12.1}",
+        ratio("pause ratio snapvm live / QEMU (median)", p_med, |q| {
+            q.pause_med
+        });
+        row(
+            "snapshot total time, median (ms)",
+            0,
+            Some(total_med),
+            None,
+            Some(|q| q.total_med),
+        );
+        row(
+            "  incl. fsync of the file, median (ms)",
+            0,
+            Some(total_med),
+            None,
+            Some(|q| q.synced_med),
+        );
+        ratio(
+            "total time ratio snapvm live / QEMU (median)",
+            total_med,
+            |q| q.total_med,
+        );
+        ratio("  both incl. fsync", total_med, |q| q.synced_med);
+        row(
+            "memory written per snapshot (MiB)",
+            0,
+            Some(mib_written),
+            None,
+            Some(|q| q.mib_written),
+        );
+        ours("streaming to memory.bin, median (MiB/s)", 0, stream);
+        ours("end to end incl. checksums+fsync (MiB/s)", 0, whole);
+        ours("dd to the same file system (MiB/s)", 0, dd);
+        ours("end to end / dd", 2, whole / dd);
+        ours("write faults served per snapshot (mean)", 0, faults);
+        ours(
             "fault service p50, median over snapshots (us)",
-            median(&mut p50)
+            1,
+            median(&mut p50),
         );
-        println!(
-            "  {:<44} {:>12.1}",
+        ours(
             "fault service p99, median over snapshots (us)",
-            median(&mut p99)
+            1,
+            median(&mut p99),
         );
-        println!(
-            "  {:<44} {:>12.0}",
+        ours(
             "pages re-protected in the pause (median)",
-            median(&mut window)
+            0,
+            median(&mut window),
         );
-        println!(
-            "  {:<44} {:>12.0}",
-            "memstamp MiB/s per vCPU before", g_before
+        row(
+            "memstamp MiB/s per vCPU before",
+            0,
+            Some(g_before),
+            None,
+            Some(|q| q.before),
         );
-        println!(
-            "  {:<44} {:>12.0}",
-            "memstamp MiB/s per vCPU during snapshots", g_during
+        row(
+            "memstamp MiB/s per vCPU during snapshots",
+            0,
+            Some(g_during),
+            None,
+            Some(|q| q.during),
         );
-        println!("  {:<44} {:>12.2}", "during / before", g_during / g_before);
+        row(
+            "during / before",
+            2,
+            Some(g_during / g_before),
+            None,
+            Some(|q| q.during / q.before),
+        );
+        match &qemu {
+            Ok(q) => println!(
+                "  (QEMU {}: {} snapshots, `migrate` with background-snapshot to `exec:cat > FILE` in the same directory)",
+                q.version, q.count
+            ),
+            Err(e) => println!("  (QEMU bg-snapshot n/a: {e})"),
+        }
     }
     println!();
     println!(
-        "(QEMU's background-snapshot baseline is not run by this command; see the issue notes.)"
+        "(QEMU's pause is QMP `downtime` (whole ms) and its total time QMP `total-time`, which ends with the last byte in cat's pipe; \
+         the fsync rows add cat's exit and an fsync of the file, which snapvm's total already includes. \
+         QEMU takes at most {} snapshots per size, each writing all of RAM.)",
+        qemu_snapshot::MAX_SNAPSHOTS
     );
     Ok(())
 }
