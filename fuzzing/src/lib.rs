@@ -107,6 +107,17 @@ pub fn mutate(valid: &[u8], u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     Ok(v)
 }
 
+/// A guest-physical address for device fuzzing in a guest memory of
+/// `mem` bytes at 0: inside it, at its end (the last bytes and just past
+/// them), or anywhere in the 64-bit space.
+pub fn guest_addr(u: &mut Unstructured<'_>, mem: u64) -> Result<u64> {
+    Ok(match u.int_in_range(0..=2)? {
+        0 => u.int_in_range(0..=mem - 1)?,
+        1 => mem - u.int_in_range(0..=64)?,
+        _ => u.arbitrary()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

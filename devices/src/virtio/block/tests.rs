@@ -216,15 +216,6 @@ fn readonly_disk_refuses_writes() {
     assert_eq!(r.disk.0.lock().unwrap()[0], 0);
 }
 
-/// A guest address: inside guest memory, at its edge, or anywhere.
-fn addr(u: &mut fuzzing::Unstructured<'_>) -> fuzzing::Result<u64> {
-    Ok(match u.int_in_range(0..=2)? {
-        0 => u.int_in_range(0..=MEM as u64 - 1)?,
-        1 => MEM as u64 - u.int_in_range(0..=64)?,
-        _ => u.arbitrary()?,
-    })
-}
-
 /// Random descriptor tables, avail rings and request headers: every
 /// request completes with a status or is refused, the disk is only
 /// written where a well-formed write says, and the device goes on.
@@ -235,7 +226,7 @@ fn fuzz_queue() {
         for i in 0..QSIZE {
             r.set_desc(
                 i,
-                addr(u)?,
+                fuzzing::guest_addr(u, MEM as u64)?,
                 {
                     let any: u32 = u.arbitrary()?;
                     *u.choose(&[0, 1, 16, 512, 4096, u32::MAX, any])?

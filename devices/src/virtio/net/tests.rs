@@ -300,15 +300,6 @@ fn an_avail_index_a_queue_ahead_does_not_spin_the_transmit_loop() {
     assert!(r.handler.receive(&mut r.rx.queue).0);
 }
 
-/// A guest address: inside guest memory, at its edge, or anywhere.
-fn addr(u: &mut fuzzing::Unstructured<'_>) -> fuzzing::Result<u64> {
-    Ok(match u.int_in_range(0..=2)? {
-        0 => u.int_in_range(0..=MEM as u64 - 1)?,
-        1 => MEM as u64 - u.int_in_range(0..=64)?,
-        _ => u.arbitrary()?,
-    })
-}
-
 /// Random descriptor tables and avail rings on all three queues, frames of
 /// any size from the tap: nothing panics and the device goes on.
 #[test]
@@ -320,7 +311,7 @@ fn fuzz_queues() {
                 q.desc(
                     &r.mem,
                     i,
-                    addr(u)?,
+                    fuzzing::guest_addr(u, MEM as u64)?,
                     {
                         let any: u32 = u.arbitrary()?;
                         *u.choose(&[0, 1, 12, 64, 1526, 65550, u32::MAX, any])?
