@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use snapvm_tests::netns::Netns;
-use snapvm_tests::vmfiles::qemu_img_check;
+use snapvm_tests::vmfiles::{qemu_img_check, sha256};
 use snapvm_tests::{field, snapvm, TestVm};
 
 const T: Duration = Duration::from_secs(180);
@@ -18,15 +18,6 @@ const T: Duration = Duration::from_secs(180);
 /// cache: what clones share.
 const GUEST: &str =
     "workload=memstamp disk=1 blocks=64 mem_mib=8 passes=0 rate=20 keep_mib=96 ip=10.96.0.2/24";
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// Host memory a VMM process holds for itself alone (its private pages).
 fn private_kib(pid: u64) -> u64 {

@@ -7,12 +7,12 @@
 //! guest answers ARP, ICMP echo and UDP echo (guest-images/README.md,
 //! "Network").
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use snapvm_tests::netns::{received, udp_echoes, Netns};
+use snapvm_tests::vmfiles::sha256;
 use snapvm_tests::{field, linux_dir, snapvm, TestVm, LINUX_CMDLINE};
 
 const T: Duration = Duration::from_secs(120);
@@ -220,15 +220,6 @@ fn two_guests_on_a_bridge_ping_each_other_across_a_revert() {
     assert_eq!(ns.ping("10.92.0.3", 3, "0.1"), 3);
     drop((a, b));
     let _ = std::fs::remove_dir_all(&root);
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// The numbers of the Linux guest's successful fetches in `text` (with the

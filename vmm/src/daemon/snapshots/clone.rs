@@ -13,12 +13,11 @@
 
 use std::path::{Path, PathBuf};
 
-use snapshot::disk::{create_overlay_sized, probe_format, Disk};
 use snapshot::memory_file::MemoryFile;
 use snapshot::shared_memory;
 use snapshot::tree::{PowerState, SnapshotMeta, Tree};
 
-use super::{io_err, SnapshotError};
+use super::{io_err, overlay_on_snapshot, SnapshotError};
 use crate::config::{mac_text, random_mac};
 use crate::machine::state::MachineState;
 use crate::vmdir::{CloneOf, VmDir, VmDirError};
@@ -126,19 +125,8 @@ pub fn clone(
         t.disks.retain(|d| !d.independent);
         let tag = &uuid::Uuid::new_v4().to_string()[..8];
         for d in t.disks.iter_mut() {
-            let frozen = snap
-                .disks
-                .iter()
-                .find(|l| l.name == d.name)
-                .ok_or_else(|| SnapshotError::NoDiskLayer {
-                    snapshot: snap.id.clone(),
-                    disk: d.name.clone(),
-                })?;
-            let base = dir.resolve(&frozen.layer);
             let new = sd.layer_path(&d.name, tag);
-            let size = Disk::open(&base, true)?.size();
-            create_overlay_sized(&base, probe_format(&base)?, size, &new)?;
-            d.base = base;
+            d.base = overlay_on_snapshot(dir, &snap, &d.name, &new)?;
             d.current = sd.relative(&new);
         }
         let mut nets = Vec::new();

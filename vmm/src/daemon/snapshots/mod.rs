@@ -129,3 +129,27 @@ pub(crate) fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Creates `new`, an empty qcow2 layer over snapshot `snap`'s frozen layer
+/// of disk `disk` (in the VM directory `dir`), the size of that layer;
+/// returns the frozen layer. Shared by apply and clone.
+pub(crate) fn overlay_on_snapshot(
+    dir: &crate::vmdir::VmDir,
+    snap: &snapshot::tree::SnapshotMeta,
+    disk: &str,
+    new: &Path,
+) -> Result<PathBuf, SnapshotError> {
+    use snapshot::disk::{create_overlay_sized, probe_format, Disk};
+    let frozen =
+        snap.disks
+            .iter()
+            .find(|l| l.name == disk)
+            .ok_or_else(|| SnapshotError::NoDiskLayer {
+                snapshot: snap.id.clone(),
+                disk: disk.to_string(),
+            })?;
+    let base = dir.resolve(&frozen.layer);
+    let size = Disk::open(&base, true)?.size();
+    create_overlay_sized(&base, probe_format(&base)?, size, new)?;
+    Ok(base)
+}

@@ -7,12 +7,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use snapshot::disk::{create_overlay_sized, probe_format, Disk};
 use snapshot::memory_file::MemoryFile;
 use snapshot::tree::{PowerState, SnapshotMeta, Tree};
 
 use super::create::CreateOptions;
-use super::SnapshotError;
+use super::{overlay_on_snapshot, SnapshotError};
 use crate::api::ApplyResult;
 use crate::daemon::session::{Power, Session};
 use crate::machine::apply::ApplyRequest;
@@ -77,19 +76,8 @@ pub fn load(dir: &VmDir, reference: &str) -> Result<PreparedRestore, SnapshotErr
                 disks.push(file);
                 continue;
             }
-            let frozen = snap
-                .disks
-                .iter()
-                .find(|l| l.name == d.name)
-                .ok_or_else(|| SnapshotError::NoDiskLayer {
-                    snapshot: snap.id.clone(),
-                    disk: d.name.clone(),
-                })?;
-            let base = dir.resolve(&frozen.layer);
             let new = dir.layer_path(&d.name, tag);
-            let format = probe_format(&base)?;
-            let size = Disk::open(&base, true)?.size();
-            create_overlay_sized(&base, format, size, &new)?;
+            overlay_on_snapshot(dir, &snap, &d.name, &new)?;
             created.push(new.clone());
             d.current = dir.relative(&new);
             disks.push(new);
