@@ -11,6 +11,7 @@ pub mod lazy;
 pub mod live;
 pub mod memory_file;
 pub mod merge;
+pub mod priority;
 pub mod qcow2_header;
 pub mod shared_memory;
 pub mod state_file;

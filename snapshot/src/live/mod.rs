@@ -350,6 +350,8 @@ impl Shared {
     }
 
     fn handler_loop(&self) {
+        // vCPUs wait on this thread: it runs first (snapshot/src/priority.rs).
+        crate::priority::run_ahead_of_vcpus("live snapshot fault handler");
         let uffd = self.wp.uffd();
         loop {
             let mut fds = [

@@ -112,6 +112,65 @@ pub(super) fn dd_mibps(dir: &Path, mib: u64) -> Result<f64, BenchError> {
     dd(Path::new("/dev/zero"), dir, Some(mib), mib)
 }
 
+/// Bytes free for an unprivileged writer on the file system of `dir`.
+pub(super) fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: an all-zero statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// The snapshot files a benchmark keeps, as a user keeps them (or deletes
+/// at once, to measure what keeping them costs). When the file system runs
+/// short of room for the next one, the oldest go first, and are counted.
+pub(super) struct KeptFiles {
+    keep: bool,
+    files: std::collections::VecDeque<std::path::PathBuf>,
+    dropped: usize,
+}
+
+impl KeptFiles {
+    pub(super) fn new(keep: bool) -> Self {
+        Self {
+            keep,
+            files: Default::default(),
+            dropped: 0,
+        }
+    }
+
+    /// Keeps `file` (or deletes it), then makes room in `dir` for `next`
+    /// more bytes plus 2 GiB to spare by deleting the oldest kept files.
+    pub(super) fn add(&mut self, file: std::path::PathBuf, dir: &Path, next: u64) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&file);
+            return;
+        }
+        self.files.push_back(file);
+        while free_bytes(dir).is_ok_and(|b| b < next + (2 << 30)) {
+            let Some(old) = self.files.pop_front() else {
+                break;
+            };
+            let _ = std::fs::remove_file(old);
+            self.dropped += 1;
+        }
+    }
+
+    /// How the files were treated, for the table's notes.
+    pub(super) fn describe(&self) -> String {
+        match (self.keep, self.dropped) {
+            (false, _) => "each deleted right after its snapshot".into(),
+            (true, 0) => "all kept".into(),
+            (true, n) => format!("kept, but the {n} oldest deleted to leave room"),
+        }
+    }
+}
+
 pub(super) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::engine::{Engine, KillOnDrop};
-use super::{guest_rates, median, serial_len};
+use super::{guest_rates, median, serial_len, KeptFiles};
 
 /// At most this many QEMU snapshots per size: each writes all of RAM.
 pub(super) const MAX_SNAPSHOTS: usize = 10;
@@ -262,8 +262,15 @@ fn sh_quote(path: &Path) -> String {
 
 /// QEMU on `kernel` with `mib` + 32 MiB, 2 vCPUs, memstamp over `mib` / 2
 /// at full speed (as snapvm's side); `count` background snapshots
-/// (at most [`MAX_SNAPSHOTS`]) into files in `dir`, each deleted after.
-pub(super) fn measure(kernel: &Path, dir: &Path, mib: u64, count: usize) -> Result<QemuFigures> {
+/// (at most [`MAX_SNAPSHOTS`]) into files in `dir`, kept or deleted as
+/// `kept` says (as snapvm's side).
+pub(super) fn measure(
+    kernel: &Path,
+    dir: &Path,
+    mib: u64,
+    count: usize,
+    kept: &mut KeptFiles,
+) -> Result<QemuFigures> {
     std::fs::create_dir_all(dir).map_err(file_err_of(dir))?;
     let serial = dir.join("qemu-serial.log");
     let stderr = dir.join("qemu-stderr.log");
@@ -281,7 +288,7 @@ pub(super) fn measure(kernel: &Path, dir: &Path, mib: u64, count: usize) -> Resu
         .stdout(File::create(&serial).map_err(file_err_of(&serial))?)
         .stderr(File::create(&stderr).map_err(file_err_of(&stderr))?);
     let mut qemu = KillOnDrop(cmd.spawn().map_err(QemuSnapshotError::Spawn)?);
-    let result = run(&mut qemu, &sock, &serial, &stderr, dir, count);
+    let result = run(&mut qemu, &sock, &serial, &stderr, dir, count, kept);
     drop(qemu);
     let _ = std::fs::remove_file(&sock);
     result
@@ -294,6 +301,7 @@ fn run(
     stderr: &Path,
     dir: &Path,
     count: usize,
+    kept: &mut KeptFiles,
 ) -> Result<QemuFigures> {
     let timeout = |what, secs| QemuSnapshotError::Timeout {
         what,
@@ -363,8 +371,9 @@ fn run(
             .and_then(|f| f.sync_all())
             .map_err(file_err_of(&file))?;
         synced.push(start.elapsed().as_secs_f64() * 1000.0);
-        bytes += std::fs::metadata(&file).map_err(file_err_of(&file))?.len() as f64;
-        let _ = std::fs::remove_file(&file);
+        let len = std::fs::metadata(&file).map_err(file_err_of(&file))?.len();
+        bytes += len as f64;
+        kept.add(file, dir, len);
         let num = |k: &str| info[k].as_f64().unwrap_or(f64::NAN);
         pause.push(num("downtime"));
         total.push(num("total-time"));

@@ -16,6 +16,9 @@ pub struct SnapshotBench {
     pub sizes_mib: Vec<u64>,
     /// Snapshots per size.
     pub count: usize,
+    /// Keep every memory.bin as a user would (else each is deleted right
+    /// after its snapshot, to measure what keeping them costs).
+    pub keep_files: bool,
 }
 
 /// One snapshot's figures from the job result.
@@ -44,10 +47,15 @@ fn shot(r: &LiveResult) -> Shot {
     }
 }
 
-fn take_snapshot(dir: &crate::vmdir::VmDir, stop_and_copy: bool) -> Result<LiveResult, BenchError> {
+fn take_snapshot(
+    dir: &crate::vmdir::VmDir,
+    stop_and_copy: bool,
+    kept: &mut KeptFiles,
+) -> Result<LiveResult, BenchError> {
     let r = take_live(dir, stop_and_copy)?;
-    // Keep the disk from filling up: only the figures matter.
-    let _ = std::fs::remove_file(dir.snapshot_dir(&r.snapshot.id).join("memory.bin"));
+    let file = dir.snapshot_dir(&r.snapshot.id).join("memory.bin");
+    let next = r.snapshot.memory_bytes;
+    kept.add(file, dir.root(), next);
     Ok(r)
 }
 
@@ -55,6 +63,23 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
     let med = median(v);
     let max = v.iter().cloned().fold(0.0, f64::max);
     (med, max)
+}
+
+/// "min / median / p90 / max" of `v`, with `prec` decimals.
+fn spread(v: &[f64], prec: usize) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    format!(
+        "{:.prec$} / {:.prec$} / {:.prec$} / {:.prec$}",
+        v[0],
+        at(0.5),
+        at(0.9),
+        v[v.len() - 1]
+    )
 }
 
 /// Runs `snapvm bench snapshot` and prints its table.
@@ -93,6 +118,7 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
         let dir = crate::vmdir::create(&vmdir, &req).map_err(|e| err(e.to_string()))?;
         crate::cli::lifecycle::start(&vmdir, false).map_err(|e| err(e.to_string()))?;
         let serial = dir.serial_log();
+        let mut kept = KeptFiles::new(b.keep_files);
         let result = (|| {
             // Warm up: every page touched (gen 1), steady state reached.
             let t0 = Instant::now();
@@ -109,13 +135,13 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             let mut during = Vec::new();
             for _ in 0..b.count {
                 let m = serial_len(&serial);
-                live.push(shot(&take_snapshot(&dir, false)?));
+                live.push(shot(&take_snapshot(&dir, false, &mut kept)?));
                 during.extend(guest_rates(&serial, m, serial_len(&serial)));
                 std::thread::sleep(Duration::from_millis(200));
             }
             let mut stop_copy = Vec::new();
             for _ in 0..b.count.min(5) {
-                stop_copy.push(shot(&take_snapshot(&dir, true)?));
+                stop_copy.push(shot(&take_snapshot(&dir, true, &mut kept)?));
                 std::thread::sleep(Duration::from_millis(200));
             }
             let dd = dd_mibps(&root, (live[0].bytes / (1 << 20) as f64).max(16.0) as u64)?;
@@ -124,16 +150,20 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
         let _ = crate::cli::lifecycle::stop(&vmdir, true);
         let _ = std::fs::remove_dir_all(&root);
         let (mut before, mut during, live, stop_copy, dd) = result?;
-        // QEMU after snapvm's VM is gone: one VM at a time, same directory.
-        let qemu = qemu_snapshot::measure(&b.kernel, &root, mib, b.count);
+        let files = kept.describe();
+        // QEMU after snapvm's VM is gone: one VM at a time, same directory,
+        // its files treated as snapvm's.
+        let mut qemu_kept = KeptFiles::new(b.keep_files);
+        let qemu = qemu_snapshot::measure(&b.kernel, &root, mib, b.count, &mut qemu_kept);
+        let qemu_files = qemu_kept.describe();
         let _ = std::fs::remove_dir_all(&root);
 
         let mut pauses: Vec<f64> = live.iter().map(|s| s.pause_us / 1000.0).collect();
         let (p_med, p_max) = stats(&mut pauses);
         let mut sc: Vec<f64> = stop_copy.iter().map(|s| s.pause_us / 1000.0).collect();
         let (sc_med, sc_max) = stats(&mut sc);
-        let mut totals: Vec<f64> = live.iter().map(|s| s.total_ms).collect();
-        let total_med = median(&mut totals);
+        let totals: Vec<f64> = live.iter().map(|s| s.total_ms).collect();
+        let total_med = median(&mut totals.clone());
         let mut rates: Vec<f64> = live
             .iter()
             .filter(|s| s.stream_us > 0.0)
@@ -220,6 +250,16 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             None,
             Some(|q| q.synced_med),
         );
+        println!(
+            "  {:<46}  {}",
+            "snapvm total (ms): min/median/p90/max",
+            spread(&totals, 0)
+        );
+        ours(
+            "  the first of the series (ms)",
+            0,
+            totals.first().copied().unwrap_or(f64::NAN),
+        );
         ratio(
             "total time ratio snapvm live / QEMU (median)",
             total_med,
@@ -237,6 +277,12 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
         ours("end to end incl. checksums+fsync (MiB/s)", 0, whole);
         ours("dd to the same file system (MiB/s)", 0, dd);
         ours("end to end / dd", 2, whole / dd);
+        let e2e_dd: Vec<f64> = e2e.iter().map(|x| x / dd).collect();
+        println!(
+            "  {:<46}  {}",
+            "end to end / dd: min/median/p90/max",
+            spread(&e2e_dd, 2)
+        );
         ours("write faults served per snapshot (mean)", 0, faults);
         ours(
             "fault service p50, median over snapshots (us)",
@@ -247,6 +293,16 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             "fault service p99, median over snapshots (us)",
             1,
             median(&mut p99),
+        );
+        println!(
+            "  {:<46}  {}",
+            "fault p99 (us): min/median/p90/max",
+            spread(&p99, 0)
+        );
+        println!(
+            "  {:<46}  {}",
+            "pause (ms): min/median/p90/max",
+            spread(&pauses, 3)
         );
         ours(
             "pages re-protected in the pause (median)",
@@ -274,9 +330,10 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             None,
             Some(|q| q.during / q.before),
         );
+        println!("  (snapvm's memory.bin files: {files})");
         match &qemu {
             Ok(q) => println!(
-                "  (QEMU {}: {} snapshots, `migrate` with background-snapshot to `exec:cat > FILE` in the same directory)",
+                "  (QEMU {}: {} snapshots, `migrate` with background-snapshot to `exec:cat > FILE` in the same directory; files {qemu_files})",
                 q.version, q.count
             ),
             Err(e) => println!("  (QEMU bg-snapshot n/a: {e})"),

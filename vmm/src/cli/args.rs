@@ -474,6 +474,12 @@ pub enum BenchCommand {
         /// The test guest (default: the one built with snapvm).
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
+        /// Delete each memory.bin right after its snapshot instead of
+        /// keeping it as a user would (the files are kept by default, as
+        /// many as the file system has room for; this measures how much
+        /// the kept files cost).
+        #[arg(long)]
+        delete_files: bool,
     },
     /// Snapshot apply: time to the guest running and to its next verified
     /// pass, lazy (instant revert) versus eager memory load, per size.

@@ -413,12 +413,14 @@ pub fn main() -> ExitCode {
             count,
             dir,
             kernel,
+            delete_files,
         }) => {
             let b = crate::bench::SnapshotBench {
                 kernel: kernel.unwrap_or_else(|| guest_images::testguest_path().to_path_buf()),
                 dir: dir.unwrap_or_else(std::env::temp_dir),
                 sizes_mib: sizes,
                 count: count.max(1),
+                keep_files: !delete_files,
             };
             match crate::bench::snapshot(&b) {
                 Ok(()) => ExitCode::SUCCESS,

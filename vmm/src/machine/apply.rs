@@ -122,6 +122,7 @@ impl Vm {
         // A chunk that fails its checksum (or cannot be placed) stops the VM
         // with the reason rather than letting it run on wrong memory.
         let sink = self.sink.clone();
+        let quiesced = started.elapsed();
         // KVM lets go of guest memory before it is replaced, and gets it
         // back once the new memory is in place (see `set_memslots`).
         set_memslots(
@@ -130,6 +131,7 @@ impl Vm {
             false,
             "remove guest memory from KVM for an apply",
         )?;
+        let removed = started.elapsed();
         let loader = LazyLoader::start(
             self.tracker.regions(),
             file,
@@ -140,6 +142,7 @@ impl Vm {
                 check_old_memory: self.check_old_memory.clone(),
             },
         );
+        let fresh = started.elapsed();
         set_memslots(
             &self.vm_fd,
             &self.ram,
@@ -161,7 +164,10 @@ impl Vm {
             return Err(VmError::MemoryLoad(e));
         }
         tracing::debug!(
-            "apply: memory replaced after {} us, state loaded after {} us, first pages in after {} us",
+            "apply: devices quiet after {} us, memory slots removed after {} us, fresh memory after {} us, memory replaced after {} us, state loaded after {} us, first pages in after {} us",
+            quiesced.as_micros(),
+            removed.as_micros(),
+            fresh.as_micros(),
             replaced.as_micros(),
             loaded.as_micros(),
             started.elapsed().as_micros()
