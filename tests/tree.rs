@@ -241,8 +241,9 @@ fn snapshot_and_apply_during_a_lazy_load() {
 /// verifies memory and disk every time. This is the lab pattern that broke
 /// on the kvm_pvm backend while vCPU threads floated between host CPUs and
 /// guest RAM was on huge pages (about one round in eight: the guest read
-/// and wrote pages the apply had replaced); `SNAPVM_TEST_PIN_VCPUS=off
-/// SNAPVM_TEST_HUGE_PAGES=on` runs it that way.
+/// and wrote pages the apply had replaced), before the fixes listed in
+/// vmm/src/machine/backend_quirks.rs; `SNAPVM_TEST_PIN_VCPUS=off|on|auto`
+/// and `SNAPVM_TEST_HUGE_PAGES=on|off|auto` choose the configuration.
 #[test]
 fn snapshots_taken_during_a_lazy_load_apply_and_verify_round_after_round() {
     let vm = TestVm::create("lazyrounds", LAB, "128M", 3, 8);

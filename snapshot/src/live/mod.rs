@@ -293,6 +293,28 @@ impl Shared {
         }
     }
 
+    /// Copies the claimed, still protected page at `host` (guest `gpa`)
+    /// for the file: into `pending` unless that is full, else straight to
+    /// the file. An all-zero page is a hole and needs nothing.
+    fn keep_page(&self, host: usize, gpa: u64) -> Result<(), MemoryFileError> {
+        // SAFETY: a page of a live guest mapping, still write-protected, so
+        // stable while read.
+        if unsafe { page_is_zero(host) } {
+            return Ok(());
+        }
+        if self.pending_pages.load(Ordering::Relaxed) >= MAX_PENDING_PAGES {
+            return self.copy_out(host, gpa, PAGE_SIZE as usize);
+        }
+        // SAFETY: as above.
+        let data = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((gpa, data.to_vec()));
+        self.pending_pages.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn handle_fault(&self, addr: usize) {
         let t0 = Instant::now();
         let page = addr & !(PAGE_SIZE as usize - 1);
@@ -310,21 +332,7 @@ impl Shared {
             Mode::Copy => {
                 if let Some((gpa, idx)) = self.lookup(page) {
                     if self.claim(idx) {
-                        // SAFETY: a page of a live guest mapping, still
-                        // write-protected, so stable while read.
-                        let zero = unsafe { page_is_zero(page) };
-                        if zero {
-                        } else if self.pending_pages.load(Ordering::Relaxed) < MAX_PENDING_PAGES {
-                            // SAFETY: as above.
-                            let data = unsafe {
-                                std::slice::from_raw_parts(page as *const u8, PAGE_SIZE as usize)
-                            };
-                            self.pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push((gpa, data.to_vec()));
-                            self.pending_pages.fetch_add(1, Ordering::Relaxed);
-                        } else if let Err(e) = self.copy_out(page, gpa, PAGE_SIZE as usize) {
+                        if let Err(e) = self.keep_page(page, gpa) {
                             self.fail(e);
                         }
                         if let Err(e) = self.wp.unprotect(page, PAGE_SIZE as usize) {

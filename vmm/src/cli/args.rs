@@ -312,9 +312,10 @@ pub struct CreateArgs {
     /// an apply; hardware KVM does not need it.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
     pub pin_vcpus: crate::machine::backend_quirks::PinVcpus,
-    /// Back guest RAM with transparent huge pages. "auto" does, except on
-    /// the kvm_pvm software backend, where huge host pages let the guest
-    /// see stale memory after an apply.
+    /// Back guest RAM with transparent huge pages: "auto" and "on" do;
+    /// "off" keeps it on 4 KiB pages (an old kvm_pvm workaround against
+    /// stale memory after an apply, no longer needed there; applies then
+    /// take longer the more memory the guest has).
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
     pub huge_pages: crate::machine::backend_quirks::HugePages,
 }
@@ -496,8 +497,8 @@ pub enum BenchCommand {
         /// The test guest (default: the one built with snapvm).
         #[arg(long, value_name = "PATH")]
         kernel: Option<PathBuf>,
-        /// Guest RAM on huge pages: auto (not on kvm_pvm), on or off; run
-        /// it with on and off to see what the kvm_pvm workaround costs.
+        /// Guest RAM on huge pages: auto (= on), on or off; run it with on
+        /// and off to see what keeping guest RAM on 4 KiB pages costs.
         #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
         huge_pages: crate::machine::backend_quirks::HugePages,
     },
@@ -603,9 +604,10 @@ pub struct RunArgs {
     /// which needs it), on or off.
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
     pub pin_vcpus: crate::machine::backend_quirks::PinVcpus,
-    /// Back guest RAM with transparent huge pages. "auto" does, except on
-    /// the kvm_pvm software backend, where huge host pages let the guest
-    /// see stale memory after an apply.
+    /// Back guest RAM with transparent huge pages: "auto" and "on" do;
+    /// "off" keeps it on 4 KiB pages (an old kvm_pvm workaround against
+    /// stale memory after an apply, no longer needed there; applies then
+    /// take longer the more memory the guest has).
     #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
     pub huge_pages: crate::machine::backend_quirks::HugePages,
 }
