@@ -555,6 +555,9 @@ impl ArmedSnapshot {
     ) -> Result<(LiveStats, MemoryFileWriter), LiveError> {
         let s = self.shared.clone();
         let total = s.pages * PAGE_SIZE;
+        // The writer streams ahead of the vCPU threads
+        // (snapshot/src/priority.rs); its own priority comes back after.
+        let _nice = crate::priority::Nice::new(crate::priority::WRITER_NICE, "snapshot writer");
         let result = (|| {
             const WRITEBACK_EVERY: usize = 32 << 20;
             let mut buf = Vec::with_capacity(CHUNK_SIZE as usize);

@@ -76,7 +76,8 @@ pub(super) fn serial_len(serial: &Path) -> usize {
 }
 
 /// Runs `dd bs=1M conv=fdatasync` from `input` to a scratch file in `dir`
-/// (`count` blocks, or all of `input`); returns MiB/s over `mib`.
+/// (`count` blocks, or all of `input`), deleted after; returns MiB/s over
+/// `mib`.
 pub(super) fn dd(
     input: &Path,
     dir: &Path,
@@ -84,6 +85,18 @@ pub(super) fn dd(
     mib: u64,
 ) -> Result<f64, BenchError> {
     let target = dir.join("dd.bin");
+    let r = dd_to(input, &target, count, mib);
+    let _ = std::fs::remove_file(&target);
+    r
+}
+
+/// [`dd`] into `target`, which is kept.
+pub(super) fn dd_to(
+    input: &Path,
+    target: &Path,
+    count: Option<u64>,
+    mib: u64,
+) -> Result<f64, BenchError> {
     let mut cmd = Command::new("dd");
     cmd.arg(format!("if={}", input.display()))
         .arg(format!("of={}", target.display()))
@@ -97,7 +110,6 @@ pub(super) fn dd(
         source,
     })?;
     let secs = t0.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&target);
     if !st.success() {
         return Err(BenchError::Guest {
             what: "dd".into(),
@@ -105,11 +117,6 @@ pub(super) fn dd(
         });
     }
     Ok(mib as f64 / secs)
-}
-
-/// `dd` of `mib` MiB of zeroes to `dir`, with fdatasync: MiB/s.
-pub(super) fn dd_mibps(dir: &Path, mib: u64) -> Result<f64, BenchError> {
-    dd(Path::new("/dev/zero"), dir, Some(mib), mib)
 }
 
 /// Bytes free for an unprivileged writer on the file system of `dir`.
