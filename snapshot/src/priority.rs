@@ -8,9 +8,10 @@
 //! waited behind a vCPU thread or the writer for its turn on a CPU: at
 //! 1 GiB under memstamp a fault took 21 us at p50 and ~130 us at p99, and
 //! with real-time priority 17 us and 60-70 us (nearly all of it in the
-//! release ioctl, whose KVM side flushes the TLB of every running vCPU). It is safe for this thread: it sleeps in poll until a fault
-//! comes and does a bounded amount of work per fault (one page), and the
-//! kernel's real-time throttling caps it in any case.
+//! release ioctl, whose KVM side flushes the TLB of every running vCPU).
+//! Real-time priority is safe for this thread: it sleeps in poll until a
+//! fault comes and does a bounded amount of work per fault (one page), and
+//! the kernel's real-time throttling caps it in any case.
 //!
 //! Written on libc: the thread-priority crates wrap these same two calls.
 

@@ -229,6 +229,9 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             println!("{}", line.trim_end());
         };
         let ours = |name: &str, prec: usize, v: f64| row(name, prec, Some(v), None, None);
+        // min/median/p90/max of snapvm's figures over the series.
+        let spread_row =
+            |name: &str, v: &[f64], prec: usize| println!("  {name:<46}  {}", spread(v, prec));
         // snapvm / QEMU, or n/a (QEMU's pause is whole ms and may be 0).
         let ratio = |name: &str, snapvm: f64, f: fn(&QemuFigures) -> f64| {
             let r = match q.map(f) {
@@ -279,11 +282,7 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             None,
             Some(|q| q.synced_med),
         );
-        println!(
-            "  {:<46}  {}",
-            "snapvm total (ms): min/median/p90/max",
-            spread(&totals, 0)
-        );
+        spread_row("snapvm total (ms): min/median/p90/max", &totals, 0);
         ours(
             "  the first of the series (ms)",
             0,
@@ -316,7 +315,7 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             whole / dd,
         );
         let e2e_dd: Vec<f64> = e2e.iter().map(|x| x / dd).collect();
-        println!("  {:<46}  {}", "  min/median/p90/max", spread(&e2e_dd, 2));
+        spread_row("  min/median/p90/max", &e2e_dd, 2);
         ours("write faults served per snapshot (mean)", 0, faults);
         ours(
             "fault service p50, median over snapshots (us)",
@@ -328,16 +327,8 @@ pub fn snapshot(b: &SnapshotBench) -> Result<(), BenchError> {
             1,
             median(&mut p99),
         );
-        println!(
-            "  {:<46}  {}",
-            "fault p99 (us): min/median/p90/max",
-            spread(&p99, 0)
-        );
-        println!(
-            "  {:<46}  {}",
-            "pause (ms): min/median/p90/max",
-            spread(&pauses, 3)
-        );
+        spread_row("fault p99 (us): min/median/p90/max", &p99, 0);
+        spread_row("pause (ms): min/median/p90/max", &pauses, 3);
         ours(
             "pages re-protected in the pause (median)",
             0,
