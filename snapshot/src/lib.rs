@@ -6,11 +6,13 @@
 
 pub mod atomic_file;
 pub mod chunk_crc;
+pub mod collapse;
 pub mod disk;
 pub mod lazy;
 pub mod live;
 pub mod memory_file;
 pub mod merge;
+pub mod populated;
 pub mod priority;
 pub mod qcow2_header;
 pub mod shared_memory;

@@ -2,16 +2,20 @@
 //!
 //! Three phases, so that the guest's pause does not grow with memory size:
 //!
-//! 1. [`Tracker::arm`] (guest running): write-protect all guest memory. A
+//! 1. [`Tracker::arm`] (guest running): write-protect all guest memory
+//!    but the 2 MiB extents never touched (snapshot/src/populated.rs). A
 //!    handler thread serves write faults in *window* mode: it notes the page
 //!    and releases it at once (nothing is copied yet).
 //! 2. [`ArmedSnapshot::freeze`] (guest paused, devices quiesced): re-protect
-//!    only the pages written since phase 1 and switch the handler to *copy*
-//!    mode. This is the snapshot instant.
+//!    only the pages written since phase 1, protect the untouched extents
+//!    the guest populated meanwhile, record the still empty ones as zeroes,
+//!    and switch the handler to *copy* mode. This is the snapshot instant.
 //! 3. [`ArmedSnapshot::stream`] (guest running): a writer streams every page
 //!    to memory.bin while the handler serves write faults first. Each page
 //!    is claimed exactly once (an atomic bit), copied, and only then
-//!    released. All-zero pages are not written (holes).
+//!    released. All-zero pages are not written (holes). At the end the
+//!    huge pages the faults split are collapsed again
+//!    (snapshot/src/collapse.rs).
 //!
 //! Any failure switches the handler to *abort* mode: all memory is released
 //! and the guest never notices. The handler never writes guest memory and
@@ -27,6 +31,7 @@ use std::time::{Duration, Instant};
 use userfaultfd::Event;
 
 use crate::memory_file::{MemoryFileError, MemoryFileWriter, CHUNK_SIZE, PAGE_SIZE};
+use crate::populated::{self, PageScanner};
 use crate::write_protect::{WriteProtectError, WriteProtector};
 
 mod check;
@@ -80,6 +85,9 @@ pub struct LiveStats {
     pub pages_written: u64,
     /// Time to write-protect all memory before the pause.
     pub protect_us: u64,
+    /// Pages of extents empty at the instant: zeroes, never protected.
+    #[serde(default)]
+    pub empty_pages: u64,
     /// Pages written between arm and freeze (re-protected in the pause).
     pub window_pages: u64,
     /// Write faults served in copy mode.
@@ -90,6 +98,12 @@ pub struct LiveStats {
     pub fault_p99_us: f64,
     /// Time from freeze to the last page out.
     pub stream_us: u64,
+    /// Extents split by write faults and put back on huge pages after.
+    #[serde(default)]
+    pub collapsed_extents: u64,
+    /// Time that took.
+    #[serde(default)]
+    pub collapse_us: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +133,11 @@ struct Shared {
     /// writes hold), the writer drains this between chunks.
     pending: Mutex<Vec<(u64, Vec<u8>)>>,
     pending_pages: AtomicU64,
+    /// Runs of untouched extents left unprotected by [`Tracker::arm`].
+    unprotected: Mutex<Vec<(usize, usize)>>,
+    /// Extents in which the handler released single pages, splitting
+    /// their huge page (duplicates are removed at the end).
+    split: Mutex<Vec<usize>>,
 }
 
 /// Most pages the handler keeps in memory before writing them itself.
@@ -171,6 +190,24 @@ impl Shared {
     }
 
     /// Claims page `idx`; true if this caller must copy it.
+    /// Claims the `n` pages from `idx` on for nobody (their content at the
+    /// instant is known: zeroes) and counts them done.
+    fn claim_empty(&self, mut idx: u64, n: u64) {
+        let end = idx + n;
+        while idx < end {
+            let bit = idx % 64;
+            let take = (64 - bit).min(end - idx);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            self.claimed[(idx / 64) as usize].fetch_or(mask, Ordering::AcqRel);
+            idx += take;
+        }
+        self.done.fetch_add(n, Ordering::AcqRel);
+    }
+
     fn claim(&self, idx: u64) -> bool {
         let bit = 1u64 << (idx % 64);
         self.claimed[(idx / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
@@ -315,6 +352,15 @@ impl Shared {
         Ok(())
     }
 
+    /// Notes that releasing `page` alone split its extent's huge page.
+    fn note_split(&self, page: usize) {
+        let e = page & !(populated::EXTENT - 1);
+        let mut split = self.split.lock().unwrap_or_else(|e| e.into_inner());
+        if split.last() != Some(&e) {
+            split.push(e);
+        }
+    }
+
     fn handle_fault(&self, addr: usize) {
         let t0 = Instant::now();
         let page = addr & !(PAGE_SIZE as usize - 1);
@@ -328,6 +374,7 @@ impl Shared {
                 if let Err(e) = self.wp.unprotect(page, PAGE_SIZE as usize) {
                     self.fail(e);
                 }
+                self.note_split(page);
             }
             Mode::Copy => {
                 if let Some((gpa, idx)) = self.lookup(page) {
@@ -339,6 +386,7 @@ impl Shared {
                             self.fail(e);
                         }
                         self.done.fetch_add(1, Ordering::AcqRel);
+                        self.note_split(page);
                         let ns = t0.elapsed().as_nanos().min(u32::MAX as u128) as u32;
                         self.fault_ns
                             .lock()
@@ -422,6 +470,9 @@ pub struct ArmedSnapshot {
     protect_us: u64,
     window_pages: u64,
     frozen_at: Option<Instant>,
+    /// Finds the untouched extents (none when the kernel cannot).
+    scanner: Option<PageScanner>,
+    empty_pages: u64,
     /// Debug aid: where to report, and memory at the instant.
     check: Option<check::InstantCheck>,
 }
@@ -468,6 +519,8 @@ impl Tracker {
             fault_ns: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             pending_pages: AtomicU64::new(0),
+            unprotected: Mutex::new(Vec::new()),
+            split: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let handler = std::thread::Builder::new()
@@ -481,15 +534,31 @@ impl Tracker {
             protect_us: 0,
             window_pages: 0,
             frozen_at: None,
+            scanner: PageScanner::open(),
+            empty_pages: 0,
             check: None,
         };
         let t0 = Instant::now();
+        let mut unprotected = Vec::new();
         for r in &self.regions {
-            if let Err(e) = self.wp.protect(r.host, r.len) {
-                armed.abort();
-                return Err(e.into());
+            let untouched = armed
+                .scanner
+                .as_ref()
+                .map(|s| s.untouched(r.host, r.len))
+                .unwrap_or_default();
+            for (start, len) in populated::complement(r.host, r.len, &untouched) {
+                if let Err(e) = self.wp.protect(start, len) {
+                    armed.abort();
+                    return Err(e.into());
+                }
             }
+            unprotected.extend(untouched);
         }
+        *armed
+            .shared
+            .unprotected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = unprotected;
         armed.protect_us = t0.elapsed().as_micros() as u64;
         Ok(armed)
     }
@@ -534,6 +603,31 @@ impl ArmedSnapshot {
         self.window_pages = dirty.len() as u64;
         for (start, len) in ranges(dirty) {
             self.shared.wp.protect(start, len)?;
+        }
+        let unprotected = std::mem::take(
+            &mut *self
+                .shared
+                .unprotected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (start, len) in unprotected {
+            let (touched, empty) = match &self.scanner {
+                Some(s) => s.recheck(start, len),
+                None => (vec![(start, len)], Vec::new()),
+            };
+            for (a, l) in touched {
+                self.shared.wp.protect(a, l)?;
+            }
+            for (a, l) in empty {
+                match self.shared.lookup(a) {
+                    Some((_, idx)) => {
+                        self.shared.claim_empty(idx, l as u64 / PAGE_SIZE);
+                        self.empty_pages += l as u64 / PAGE_SIZE;
+                    }
+                    None => self.shared.wp.protect(a, l)?,
+                }
+            }
         }
         if self.shared.file.set(file).is_err() {
             return Err(LiveError::FrozenTwice);
@@ -629,6 +723,24 @@ impl ArmedSnapshot {
             .frozen_at
             .map(|t| t.elapsed().as_micros() as u64)
             .unwrap_or(0);
+        // The faults are over: their extents go back on huge pages, while
+        // memory.bin's writeback goes on.
+        let t = Instant::now();
+        let mut split = std::mem::take(&mut *s.split.lock().unwrap_or_else(|e| e.into_inner()));
+        split.sort_unstable();
+        split.dedup();
+        split.retain(|&e| {
+            s.regions
+                .iter()
+                .any(|r| e >= r.host && e + populated::EXTENT <= r.host + r.len)
+        });
+        let collapsed = crate::collapse::collapse(&split);
+        let collapse_us = t.elapsed().as_micros() as u64;
+        tracing::debug!(
+            "live snapshot: {} split extents back on huge pages in {collapse_us} us ({} refused)",
+            collapsed.extents,
+            collapsed.refused
+        );
         let mut lat = std::mem::take(&mut *s.fault_ns.lock().unwrap_or_else(|e| e.into_inner()));
         lat.sort_unstable();
         let pct = |p: f64| {
@@ -642,11 +754,14 @@ impl ArmedSnapshot {
             pages: s.pages,
             pages_written: s.written.load(Ordering::Relaxed),
             protect_us: self.protect_us,
+            empty_pages: self.empty_pages,
             window_pages: self.window_pages,
             faults: lat.len() as u64,
             fault_p50_us: pct(0.5),
             fault_p99_us: pct(0.99),
             stream_us,
+            collapsed_extents: collapsed.extents,
+            collapse_us,
         };
         drop(s);
         let file = Arc::get_mut(&mut self.shared)
@@ -679,165 +794,4 @@ impl Drop for ArmedSnapshot {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::memory_file::MemoryFile;
-    use crate::write_protect::HostRange;
-    use std::sync::atomic::AtomicU32;
-
-    const MIB: usize = 1 << 20;
-
-    use crate::test_util::Anon;
-
-    /// Stops and joins the writer threads when dropped (also when an
-    /// assertion fails), before the mapping they write goes away.
-    struct Writers(Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>);
-    impl Drop for Writers {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-            for w in self.1.drain(..) {
-                let _ = w.join();
-            }
-        }
-    }
-
-    fn stamp(page: usize, gen: u32) -> u64 {
-        ((page as u64) << 32) | gen as u64
-    }
-
-    /// Writers keep stamping pages through all three phases; the snapshot
-    /// must equal memory exactly as it was at the freeze.
-    #[test]
-    fn snapshot_is_exact_under_concurrent_writes() {
-        let len = 32 * MIB;
-        let mem = Anon::new(len);
-        let pages = len / 4096;
-        // Half the pages populated with generation 1; the rest never touched.
-        for p in 0..pages / 2 {
-            // SAFETY: inside the mapping.
-            unsafe { *((mem.addr + p * 4096) as *mut u64) = stamp(p, 1) };
-        }
-        let wp = Arc::new(
-            WriteProtector::new(&[HostRange {
-                addr: mem.addr,
-                len,
-            }])
-            .expect("uffd (root, Linux >= 6.4)"),
-        );
-        let tracker = Tracker::new(
-            wp,
-            vec![GuestRegion {
-                gpa: 0,
-                host: mem.addr,
-                len,
-            }],
-        );
-        let paused = Arc::new(AtomicBool::new(false));
-        let parked = Arc::new(AtomicU32::new(0));
-        let quit = Arc::new(AtomicBool::new(false));
-        let mut writers = Writers(quit.clone(), vec![]);
-        for w in 0..2usize {
-            let (paused, parked, quit, base) =
-                (paused.clone(), parked.clone(), quit.clone(), mem.addr);
-            writers.1.push(std::thread::spawn(move || {
-                let mut gen = 2u32;
-                let mut is_parked = false;
-                while !quit.load(Ordering::SeqCst) {
-                    for p in (w..pages).step_by(7) {
-                        while paused.load(Ordering::SeqCst) {
-                            if !is_parked {
-                                parked.fetch_add(1, Ordering::SeqCst);
-                                is_parked = true;
-                            }
-                            std::hint::spin_loop();
-                        }
-                        if is_parked {
-                            parked.fetch_sub(1, Ordering::SeqCst);
-                            is_parked = false;
-                        }
-                        // SAFETY: inside the mapping (kept alive until join).
-                        unsafe { *((base + p * 4096 + 8 * w) as *mut u64) = stamp(p, gen) };
-                    }
-                    gen += 1;
-                }
-            }));
-        }
-        let mut armed = tracker.arm().unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        // "Pause the vCPUs".
-        paused.store(true, Ordering::SeqCst);
-        while parked.load(Ordering::SeqCst) < 2 {
-            std::hint::spin_loop();
-        }
-        let mut expected = vec![0u8; len];
-        // SAFETY: reading the mapping (reads never fault on write-protect).
-        expected.copy_from_slice(unsafe { std::slice::from_raw_parts(mem.addr as *const u8, len) });
-        let path = std::env::temp_dir().join(format!("snapvm-live-{}", std::process::id()));
-        armed
-            .freeze(MemoryFileWriter::create(&path, &[(0, len as u64)]).unwrap())
-            .unwrap();
-        paused.store(false, Ordering::SeqCst);
-        // A "device" writing guest memory from the kernel (read(2) into the
-        // mapping, as KVM or a DMA-like path would): the write faults into
-        // the handler too, so the snapshot keeps the page's old content.
-        // A page no writer touches and nothing populated (WP_UNPOPULATED).
-        let dev_page = pages - 3;
-        assert!(dev_page % 7 > 1 && dev_page >= pages / 2);
-        let (rfd, wfd) = {
-            let mut fds = [0i32; 2];
-            // SAFETY: pipe(2) fills two descriptors.
-            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-            (fds[0], fds[1])
-        };
-        let payload = [0x5au8; 4096];
-        // SAFETY: writes from a valid buffer to our pipe.
-        assert_eq!(
-            unsafe { libc::write(wfd, payload.as_ptr().cast(), 4096) },
-            4096
-        );
-        let dev_addr = mem.addr + dev_page * 4096;
-        let device = std::thread::spawn(move || {
-            // SAFETY: reads into a page of the live mapping (joined below).
-            unsafe { libc::read(rfd, dev_addr as *mut libc::c_void, 4096) }
-        });
-        let (stats, file) = armed.stream(&|_, _| {}).unwrap();
-        assert_eq!(device.join().unwrap(), 4096);
-        // SAFETY: closing our own pipe.
-        unsafe {
-            libc::close(rfd);
-            libc::close(wfd);
-        }
-        // SAFETY: reading the mapping.
-        assert_eq!(
-            unsafe { *(dev_addr as *const u8) },
-            0x5a,
-            "the device write landed"
-        );
-        file.finish().unwrap();
-        drop(writers);
-        assert!(
-            stats.faults > 0,
-            "writers faulted into the handler: {stats:?}"
-        );
-        assert_eq!(stats.pages, pages as u64);
-        let m = MemoryFile::open(&path).unwrap();
-        m.verify_all().unwrap();
-        let got = std::fs::read(&path).unwrap();
-        for p in 0..pages {
-            let (a, b) = (
-                &got[p * 4096..(p + 1) * 4096],
-                &expected[p * 4096..(p + 1) * 4096],
-            );
-            assert!(a == b, "page {p} differs from the freeze instant");
-        }
-        std::fs::remove_file(&path).unwrap();
-    }
-
-    #[test]
-    fn coalescing() {
-        assert_eq!(
-            ranges(vec![8192, 4096, 4096, 16384]),
-            vec![(4096, 8192), (16384, 4096)]
-        );
-    }
-}
+mod tests;
