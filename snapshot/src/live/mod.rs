@@ -191,18 +191,20 @@ impl Shared {
 
     /// Claims page `idx`; true if this caller must copy it.
     /// Claims the `n` pages from `idx` on for nobody (their content at the
-    /// instant is known: zeroes) and counts them done.
+    /// instant is known: zeroes) and counts them done. Only in the pause,
+    /// before the handler or writer claims anything: whole words are
+    /// simply stored.
     fn claim_empty(&self, mut idx: u64, n: u64) {
         let end = idx + n;
         while idx < end {
             let bit = idx % 64;
             let take = (64 - bit).min(end - idx);
-            let mask = if take == 64 {
-                u64::MAX
+            let word = &self.claimed[(idx / 64) as usize];
+            if take == 64 {
+                word.store(u64::MAX, Ordering::Release);
             } else {
-                ((1u64 << take) - 1) << bit
-            };
-            self.claimed[(idx / 64) as usize].fetch_or(mask, Ordering::AcqRel);
+                word.fetch_or(((1u64 << take) - 1) << bit, Ordering::AcqRel);
+            }
             idx += take;
         }
         self.done.fetch_add(n, Ordering::AcqRel);
@@ -611,10 +613,15 @@ impl ArmedSnapshot {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        for (start, len) in unprotected {
+        for region in &self.shared.regions {
+            let runs: Vec<(usize, usize)> = unprotected
+                .iter()
+                .copied()
+                .filter(|&(a, _)| a >= region.host && a < region.host + region.len)
+                .collect();
             let (touched, empty) = match &self.scanner {
-                Some(s) => s.recheck(start, len),
-                None => (vec![(start, len)], Vec::new()),
+                Some(s) => s.recheck(&runs),
+                None => (runs, Vec::new()),
             };
             for (a, l) in touched {
                 self.shared.wp.protect(a, l)?;

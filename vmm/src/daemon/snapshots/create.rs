@@ -271,6 +271,17 @@ impl Session {
             }
         };
         let snapshot = staging.publish(dir, &frozen, meta, started)?;
+        tracing::info!(
+            "snapshot {}: memory out in {} ms: {} pages written, {} pages never touched (zeroes, not protected), {} write faults (p99 {:.0} us), {} split extents back on huge pages in {} us",
+            snapshot.id,
+            stats.stream_us / 1000,
+            stats.pages_written,
+            stats.empty_pages,
+            stats.faults,
+            stats.fault_p99_us,
+            stats.collapsed_extents,
+            stats.collapse_us
+        );
         Ok(LiveResult { snapshot, stats })
     }
 
