@@ -20,6 +20,25 @@ impl Drop for Writers {
     }
 }
 
+/// A tracker over all of `mem` (guest-physical 0 up).
+fn tracker_of(mem: &Anon) -> Tracker {
+    let wp = Arc::new(
+        WriteProtector::new(&[HostRange {
+            addr: mem.addr,
+            len: mem.len,
+        }])
+        .expect("uffd (root, Linux >= 6.4)"),
+    );
+    Tracker::new(
+        wp,
+        vec![GuestRegion {
+            gpa: 0,
+            host: mem.addr,
+            len: mem.len,
+        }],
+    )
+}
+
 fn stamp(page: usize, gen: u32) -> u64 {
     ((page as u64) << 32) | gen as u64
 }
@@ -36,21 +55,7 @@ fn snapshot_is_exact_under_concurrent_writes() {
         // SAFETY: inside the mapping.
         unsafe { *((mem.addr + p * 4096) as *mut u64) = stamp(p, 1) };
     }
-    let wp = Arc::new(
-        WriteProtector::new(&[HostRange {
-            addr: mem.addr,
-            len,
-        }])
-        .expect("uffd (root, Linux >= 6.4)"),
-    );
-    let tracker = Tracker::new(
-        wp,
-        vec![GuestRegion {
-            gpa: 0,
-            host: mem.addr,
-            len,
-        }],
-    );
+    let tracker = tracker_of(&mem);
     let paused = Arc::new(AtomicBool::new(false));
     let parked = Arc::new(AtomicU32::new(0));
     let quit = Arc::new(AtomicBool::new(false));
@@ -175,21 +180,7 @@ fn untouched_extents_are_zero_at_the_instant_and_never_fault() {
         unsafe { *(addr as *mut u64) = v }
     };
     put(a, 1);
-    let wp = Arc::new(
-        WriteProtector::new(&[HostRange {
-            addr: mem.addr,
-            len,
-        }])
-        .expect("uffd (root, Linux >= 6.4)"),
-    );
-    let tracker = Tracker::new(
-        wp,
-        vec![GuestRegion {
-            gpa: 0,
-            host: mem.addr,
-            len,
-        }],
-    );
+    let tracker = tracker_of(&mem);
     let mut armed = tracker.arm().unwrap();
     put(b, 2);
     let tmp = crate::test_util::Tmp::new("live-untouched");
