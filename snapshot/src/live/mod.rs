@@ -31,10 +31,13 @@ use std::time::{Duration, Instant};
 use userfaultfd::Event;
 
 use crate::memory_file::{MemoryFileError, MemoryFileWriter, CHUNK_SIZE, PAGE_SIZE};
-use crate::populated::{self, PageScanner};
+use crate::populated;
 use crate::write_protect::{WriteProtectError, WriteProtector};
 
 mod check;
+mod untouched;
+
+use self::untouched::Untouched;
 
 /// A guest RAM region as the host maps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +136,6 @@ struct Shared {
     /// writes hold), the writer drains this between chunks.
     pending: Mutex<Vec<(u64, Vec<u8>)>>,
     pending_pages: AtomicU64,
-    /// Runs of untouched extents left unprotected by [`Tracker::arm`].
-    unprotected: Mutex<Vec<(usize, usize)>>,
     /// Extents in which the handler released single pages, splitting
     /// their huge page (duplicates are removed at the end).
     split: Mutex<Vec<usize>>,
@@ -189,7 +190,6 @@ impl Shared {
             })
     }
 
-    /// Claims page `idx`; true if this caller must copy it.
     /// Claims the `n` pages from `idx` on for nobody (their content at the
     /// instant is known: zeroes) and counts them done. Only in the pause,
     /// before the handler or writer claims anything: whole words are
@@ -210,6 +210,7 @@ impl Shared {
         self.done.fetch_add(n, Ordering::AcqRel);
     }
 
+    /// Claims page `idx`; true if this caller must copy it.
     fn claim(&self, idx: u64) -> bool {
         let bit = 1u64 << (idx % 64);
         self.claimed[(idx / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
@@ -472,8 +473,8 @@ pub struct ArmedSnapshot {
     protect_us: u64,
     window_pages: u64,
     frozen_at: Option<Instant>,
-    /// Finds the untouched extents (none when the kernel cannot).
-    scanner: Option<PageScanner>,
+    /// The untouched extents left unprotected until the freeze.
+    untouched: Option<Untouched>,
     empty_pages: u64,
     /// Debug aid: where to report, and memory at the instant.
     check: Option<check::InstantCheck>,
@@ -521,7 +522,6 @@ impl Tracker {
             fault_ns: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             pending_pages: AtomicU64::new(0),
-            unprotected: Mutex::new(Vec::new()),
             split: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
@@ -536,31 +536,18 @@ impl Tracker {
             protect_us: 0,
             window_pages: 0,
             frozen_at: None,
-            scanner: PageScanner::open(),
+            untouched: None,
             empty_pages: 0,
             check: None,
         };
         let t0 = Instant::now();
-        let mut unprotected = Vec::new();
-        for r in &self.regions {
-            let untouched = armed
-                .scanner
-                .as_ref()
-                .map(|s| s.untouched(r.host, r.len))
-                .unwrap_or_default();
-            for (start, len) in populated::complement(r.host, r.len, &untouched) {
-                if let Err(e) = self.wp.protect(start, len) {
-                    armed.abort();
-                    return Err(e.into());
-                }
+        match Untouched::protect_rest(&self.wp, &self.regions) {
+            Ok(u) => armed.untouched = Some(u),
+            Err(e) => {
+                armed.abort();
+                return Err(e.into());
             }
-            unprotected.extend(untouched);
         }
-        *armed
-            .shared
-            .unprotected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = unprotected;
         armed.protect_us = t0.elapsed().as_micros() as u64;
         Ok(armed)
     }
@@ -606,35 +593,8 @@ impl ArmedSnapshot {
         for (start, len) in ranges(dirty) {
             self.shared.wp.protect(start, len)?;
         }
-        let unprotected = std::mem::take(
-            &mut *self
-                .shared
-                .unprotected
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for region in &self.shared.regions {
-            let runs: Vec<(usize, usize)> = unprotected
-                .iter()
-                .copied()
-                .filter(|&(a, _)| a >= region.host && a < region.host + region.len)
-                .collect();
-            let (touched, empty) = match &self.scanner {
-                Some(s) => s.recheck(&runs),
-                None => (runs, Vec::new()),
-            };
-            for (a, l) in touched {
-                self.shared.wp.protect(a, l)?;
-            }
-            for (a, l) in empty {
-                match self.shared.lookup(a) {
-                    Some((_, idx)) => {
-                        self.shared.claim_empty(idx, l as u64 / PAGE_SIZE);
-                        self.empty_pages += l as u64 / PAGE_SIZE;
-                    }
-                    None => self.shared.wp.protect(a, l)?,
-                }
-            }
+        if let Some(mut u) = self.untouched.take() {
+            self.empty_pages = u.settle(&self.shared)?;
         }
         if self.shared.file.set(file).is_err() {
             return Err(LiveError::FrozenTwice);
